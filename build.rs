@@ -1,0 +1,20 @@
+//! Compiles the wire protocol with tonic-prost-build.
+//!
+//! protoc comes from the `protoc-bin-vendored` crate so a fresh machine needs
+//! nothing installed; a `PROTOC` set in the environment still wins.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if env::var_os("PROTOC").is_none() {
+        // SAFETY: build scripts are single-threaded; nothing reads the
+        // environment concurrently.
+        unsafe { env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("odin_v1_descriptor.bin"))
+        .compile_protos(&["proto/odin/v1/detector.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Start-up and serving: load the model, build and warm up the engines,
+//! assemble the pipeline, then serve gRPC until shutdown. All heavy work
+//! happens in `App::build`, so handlers only look things up.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
+use crate::engine::{Device, Engine, EngineError, Provider};
+use crate::model::{Model, ModelError};
+use crate::pipeline::{Batcher, Pipeline, Preprocessor, ScoringOptions};
+use crate::server::DetectorService;
+use crate::wire::{self, detector_server::DetectorServer, ModelInfo};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The model or its card.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// ONNX Runtime or the session.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Reflection could not index the descriptors.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A loaded, warmed-up sidecar, ready to serve.
+pub struct App {
+    pipeline: Arc<Pipeline>,
+    info: ModelInfo,
+    window: usize,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("info", &self.info).finish()
+    }
+}
+
+impl App {
+    /// Loads the model, builds one warmed-up engine per worker and starts
+    /// the batcher. Must run inside a tokio runtime.
+    pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
+        if config.workers == 0 || config.batch.max_batch == 0 {
+            return Err(StartError::Config("workers and max batch must be at least 1".into()));
+        }
+        if !(config.temperature > 0.0) {
+            return Err(StartError::Config(format!("temperature must be > 0, got {}", config.temperature)));
+        }
+        let model = Model::load(&config.model)?;
+        let preprocessor = Preprocessor::new(&model.card.input);
+        let (engines, model) = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || load_engines(&model, &config).map(|e| (e, model)))
+                .await
+                .map_err(|e| StartError::Config(format!("engine loader failed: {e}")))??
+        };
+        let provider = engines[0].provider();
+        if config.engine.device == Device::Auto && provider == Provider::Cpu {
+            tracing::warn!("CUDA is not available; serving on CPU (--device auto)");
+        }
+        let info = model_info(&model, &engines[0], config);
+        tracing::info!(
+            model = %info.name,
+            provider = %provider,
+            workers = engines.len(),
+            method = %config.method,
+            threshold = config.threshold,
+            "model loaded and warmed up"
+        );
+        let batcher = Batcher::start(engines, config.batch);
+        let scoring = ScoringOptions {
+            method: config.method,
+            temperature: config.temperature,
+            threshold: config.threshold,
+        };
+        let pipeline = Arc::new(Pipeline::new(preprocessor, batcher, scoring, model.card.labels.clone()));
+        Ok(App {
+            pipeline,
+            info,
+            window: config.stream_window,
+        })
+    }
+
+    /// What `GetModelInfo` answers.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The pipeline, for in-process use (`detect`, benchmarks).
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        Arc::clone(&self.pipeline)
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_error = |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
+        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+        let detector = DetectorServer::new(DetectorService::new(self.pipeline, self.info, self.window))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        // The model is loaded and warmed up before we get here, so SERVING is true from the first request.
+        mark_serving(&health).await;
+        Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(detector)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+            .map_err(|e| StartError::Config(format!("gRPC server: {e}")))
+    }
+}
+
+async fn mark_serving(health: &HealthReporter) {
+    health.set_serving::<DetectorServer<DetectorService>>().await;
+    // The empty service name stands for the whole server.
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+}
+
+fn load_engines(model: &Model, config: &ServeConfig) -> Result<Vec<Engine>, StartError> {
+    let input = &model.card.input;
+    let zeros = vec![0.0f32; (input.channels * input.height * input.width) as usize];
+    (0..config.workers)
+        .map(|_| {
+            let mut engine = Engine::load(model, &config.engine)?;
+            // Warm-up: the first run allocates and picks kernels.
+            engine.logits(&zeros, 1)?;
+            Ok(engine)
+        })
+        .collect()
+}
+
+fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo {
+    let card = &model.card;
+    let shape = engine.shape();
+    ModelInfo {
+        name: card.name.clone(),
+        version: card.version.clone(),
+        input_name: shape.input_name.clone(),
+        input_shape: shape.input_shape.clone(),
+        input_layout: "NCHW".into(),
+        labels: card.labels.clone(),
+        preprocessing: Some(wire::Preprocessing {
+            height: card.input.height,
+            width: card.input.width,
+            channels: card.input.channels,
+            channel_order: format!("{:?}", card.input.channel_order),
+            resize: serde_json::to_value(card.input.resize)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            mean: card.input.mean.clone(),
+            std: card.input.std.clone(),
+        }),
+        execution_provider: engine.provider().to_string(),
+        scoring: Some(wire::Scoring {
+            method: config.method.to_string(),
+            temperature: config.temperature,
+            epsilon: 0.0,
+            threshold: config.threshold,
+        }),
+    }
+}

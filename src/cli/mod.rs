@@ -1,0 +1,141 @@
+//! The command line: one file per subcommand, each with its own flags.
+//! Flags are parsed here and resolved into `config::ServeConfig`.
+
+pub mod detect;
+pub mod info;
+pub mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, ServeConfig};
+use crate::engine::{Device, EngineOptions};
+use crate::model::ModelSource;
+use crate::pipeline::BatchOptions;
+use crate::score::Method;
+
+/// Out-of-distribution detection sidecar (ODIN) for ONNX image classifiers.
+#[derive(Debug, Parser)]
+#[command(name = "odin-sidecar", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "ODIN_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Detector gRPC service.
+    Serve(serve::ServeArgs),
+    /// Judge image files in-process and print one verdict per frame.
+    Detect(detect::DetectArgs),
+    /// Print what would be served: model, input, provider, scoring.
+    Info(info::InfoArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Detect(args) => runtime.block_on(detect::run(args)),
+        Command::Info(args) => runtime.block_on(info::run(args)),
+    }
+}
+
+/// Sets up `tracing` output on stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Flags that choose and run the model; shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// ONNX classifier to serve; the built-in CIFAR-10 CNN if omitted.
+    #[arg(long, env = "ODIN_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Model card (JSON); defaults to MODEL with extension .card.json.
+    #[arg(long, env = "ODIN_CARD", requires = "model")]
+    pub card: Option<PathBuf>,
+    /// Execution provider: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", env = "ODIN_DEVICE")]
+    pub device: Device,
+    /// Intra-op threads per session (0 = ONNX Runtime's choice).
+    #[arg(long, default_value_t = 0, env = "ODIN_THREADS")]
+    pub threads: usize,
+    /// Engine worker threads, one ONNX Runtime session each.
+    #[arg(long, default_value_t = config::DEFAULT_WORKERS, env = "ODIN_WORKERS")]
+    pub workers: usize,
+    /// Most frames per engine run.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_BATCH, env = "ODIN_MAX_BATCH")]
+    pub max_batch: usize,
+    /// Longest a frame waits for a batch to fill, in milliseconds.
+    #[arg(long, default_value_t = 0.0, env = "ODIN_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: f64,
+    /// Scoring method: msp, maxlogit or energy.
+    #[arg(long, default_value = "msp", env = "ODIN_METHOD")]
+    pub method: Method,
+    /// Softmax temperature T.
+    #[arg(long, default_value_t = 1.0, env = "ODIN_TEMPERATURE")]
+    pub temperature: f32,
+    /// Decision threshold δ: in-distribution iff score ≥ δ.
+    #[arg(long, default_value_t = config::DEFAULT_THRESHOLD, env = "ODIN_THRESHOLD")]
+    pub threshold: f32,
+}
+
+impl ModelArgs {
+    /// Resolves the flags into a serving configuration.
+    pub fn config(&self) -> anyhow::Result<ServeConfig> {
+        anyhow::ensure!(
+            self.max_queue_delay_ms.is_finite() && self.max_queue_delay_ms >= 0.0,
+            "--max-queue-delay-ms must be a non-negative number"
+        );
+        let model = match &self.model {
+            None => ModelSource::Embedded,
+            Some(model) => ModelSource::File {
+                model: model.clone(),
+                card: self.card.clone(),
+            },
+        };
+        let defaults = ServeConfig::default();
+        Ok(ServeConfig {
+            model,
+            engine: EngineOptions {
+                device: self.device,
+                intra_threads: self.threads,
+            },
+            workers: self.workers,
+            batch: BatchOptions {
+                max_batch: self.max_batch,
+                max_queue_delay: Duration::from_secs_f64(self.max_queue_delay_ms / 1000.0),
+                ..defaults.batch
+            },
+            method: self.method,
+            temperature: self.temperature,
+            threshold: self.threshold,
+            ..defaults
+        })
+    }
+}

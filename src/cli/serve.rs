@@ -1,0 +1,53 @@
+//! `odin-sidecar serve`: load, warm up, serve until SIGINT/SIGTERM, drain.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio::net::TcpListener;
+
+use super::ModelArgs;
+use crate::app::App;
+use crate::config::DEFAULT_ADDR;
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = DEFAULT_ADDR, env = "ODIN_ADDR")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Runs `serve`.
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = args.model.config()?;
+    let app = App::build(&config).await?;
+    let listener = TcpListener::bind(args.addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving odin.v1.Detector");
+    app.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested; draining");
+}

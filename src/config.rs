@@ -1,0 +1,70 @@
+//! Resolved configuration of a serving sidecar, with its defaults.
+//!
+//! The CLI (`cli::serve`) parses flags into a `ServeConfig`; tests build one
+//! directly, so nothing here reads the process environment.
+
+use std::time::Duration;
+
+use crate::engine::{Device, EngineOptions};
+use crate::model::ModelSource;
+use crate::pipeline::{order, BatchOptions};
+use crate::score::Method;
+
+/// Address `serve` listens on by default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
+/// Largest batch handed to one engine run.
+pub const DEFAULT_MAX_BATCH: usize = 32;
+/// Longest a frame waits for others to share its batch.
+pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::ZERO;
+/// Frames that may wait for an engine worker before submitters are held back.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
+/// Engine worker threads (one ONNX Runtime session each).
+pub const DEFAULT_WORKERS: usize = 1;
+/// Decision threshold used when none is configured. Uncalibrated: run
+/// `calibrate` for a threshold at a chosen true-positive rate.
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
+/// Largest gRPC message accepted (a frame), in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// Which model to serve.
+    pub model: ModelSource,
+    /// Execution provider and threads of each session.
+    pub engine: EngineOptions,
+    /// Engine worker threads, one session each.
+    pub workers: usize,
+    /// Cross-stream batching.
+    pub batch: BatchOptions,
+    /// Scoring method.
+    pub method: Method,
+    /// Softmax temperature (1 = plain max-softmax).
+    pub temperature: f32,
+    /// Decision threshold δ.
+    pub threshold: f32,
+    /// Frames one stream may have in flight.
+    pub stream_window: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            model: ModelSource::Embedded,
+            engine: EngineOptions {
+                device: Device::Auto,
+                intra_threads: 0,
+            },
+            workers: DEFAULT_WORKERS,
+            batch: BatchOptions {
+                max_batch: DEFAULT_MAX_BATCH,
+                max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
+                queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            },
+            method: Method::Msp,
+            temperature: 1.0,
+            threshold: DEFAULT_THRESHOLD,
+            stream_window: order::DEFAULT_WINDOW,
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The engine: one ONNX Runtime session that turns a batch of input tensors
+//! into logits. Each engine worker thread owns one `Engine` (`Session::run`
+//! takes `&mut self`), built on the shared process-wide environment.
+
+pub mod runtime;
+
+use std::fmt;
+use std::str::FromStr;
+
+use ort::ep;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::{TensorRef, ValueType};
+
+use crate::model::Model;
+
+/// Which execution provider to ask for (`--device auto|cpu|cuda[:N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// CUDA when it can be registered, else CPU with one warning.
+    #[default]
+    Auto,
+    /// CPU only.
+    Cpu,
+    /// CUDA on the given device; failing to register it is an error.
+    Cuda(i32),
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid device {s:?}: use auto, cpu, cuda or cuda:N");
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
+                n.parse::<i32>().ok().filter(|n| *n >= 0).map(Device::Cuda).ok_or_else(bad)
+            }
+        }
+    }
+}
+
+/// The execution provider a session actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// The CUDA provider on a device.
+    Cuda(i32),
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Provider::Cpu => f.write_str("CPUExecutionProvider"),
+            Provider::Cuda(n) => write!(f, "CUDAExecutionProvider:{n}"),
+        }
+    }
+}
+
+/// How to build each session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Requested execution provider.
+    pub device: Device,
+    /// Intra-op threads per session (0 lets ONNX Runtime choose).
+    pub intra_threads: usize,
+}
+
+/// Why an engine could not be built or run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// ONNX Runtime itself is not available.
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    /// CUDA was required but could not be registered.
+    #[error(
+        "--device cuda:{device} was requested but the CUDA execution provider could not be registered: {detail} \
+         Use --device auto to fall back to CPU, or install an onnxruntime build with CUDA (onnxruntime-gpu) \
+         and point {env} at it",
+        env = runtime::ENV_DYLIB_PATH
+    )]
+    CudaUnavailable {
+        /// The requested CUDA device.
+        device: i32,
+        /// What ONNX Runtime said.
+        detail: String,
+    },
+    /// The model does not have the shape of an image classifier.
+    #[error("model is not an image classifier this sidecar can serve: {0}")]
+    Model(String),
+    /// ONNX Runtime failed.
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+}
+
+fn ort_error(e: impl fmt::Display) -> EngineError {
+    EngineError::Ort(e.to_string())
+}
+
+/// What the engine learned from the model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Name of the image input.
+    pub input_name: String,
+    /// The declared input shape; -1 for dynamic axes.
+    pub input_shape: Vec<i64>,
+    /// Number of logits per image.
+    pub classes: usize,
+}
+
+/// One ONNX Runtime session and what it serves.
+pub struct Engine {
+    session: Session,
+    shape: ModelShape,
+    chw: [usize; 3],
+    provider: Provider,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("shape", &self.shape)
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Builds a session for `model` and checks that its input is an NCHW
+    /// image of the card's size and its output a logits vector.
+    pub fn load(model: &Model, options: &EngineOptions) -> Result<Engine, EngineError> {
+        let env = runtime::environment()?;
+        let (session, provider) = match options.device {
+            Device::Cpu => (build_session(env, model, options, None)?, Provider::Cpu),
+            Device::Cuda(n) => {
+                let session = build_session(env, model, options, Some(n)).map_err(|e| match e {
+                    EngineError::Ort(detail) => EngineError::CudaUnavailable { device: n, detail },
+                    other => other,
+                })?;
+                (session, Provider::Cuda(n))
+            }
+            Device::Auto => match build_session(env, model, options, Some(0)) {
+                Ok(session) => (session, Provider::Cuda(0)),
+                Err(EngineError::Ort(detail)) => {
+                    tracing::debug!(%detail, "CUDA provider not registered");
+                    (build_session(env, model, options, None)?, Provider::Cpu)
+                }
+                Err(other) => return Err(other),
+            },
+        };
+        let shape = model_shape(&session)?;
+        let c = &model.card.input;
+        let chw = [c.channels as usize, c.height as usize, c.width as usize];
+        let declared = &shape.input_shape[1..];
+        let fits = declared.iter().zip(chw).all(|(d, want)| *d < 0 || *d as usize == want);
+        if !fits {
+            return Err(EngineError::Model(format!(
+                "the card says the input is [N, {}, {}, {}] but the model declares {:?}",
+                chw[0], chw[1], chw[2], shape.input_shape
+            )));
+        }
+        Ok(Engine {
+            session,
+            shape,
+            chw,
+            provider,
+        })
+    }
+
+    /// The execution provider this engine runs on.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// The model's input and output facts.
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// Runs `batch` images, laid out back to back in `input` (NCHW), and
+    /// returns `batch × classes` logits.
+    pub fn logits(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        let [c, h, w] = self.chw;
+        debug_assert_eq!(input.len(), batch * c * h * w);
+        let tensor = TensorRef::from_array_view(([batch, c, h, w], input)).map_err(ort_error)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.shape.input_name.as_str() => tensor])
+            .map_err(ort_error)?;
+        let (shape, logits) = outputs[0].try_extract_tensor::<f32>().map_err(ort_error)?;
+        if shape.len() != 2 || shape[0] as usize != batch || shape[1] as usize != self.shape.classes {
+            return Err(EngineError::Model(format!(
+                "expected logits of shape [{batch}, {}], got {shape:?}",
+                self.shape.classes
+            )));
+        }
+        Ok(logits.to_vec())
+    }
+}
+
+fn build_session(
+    env: &ort::environment::Environment,
+    model: &Model,
+    options: &EngineOptions,
+    cuda: Option<i32>,
+) -> Result<Session, EngineError> {
+    let mut builder = Session::builder(env)
+        .map_err(ort_error)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort_error)?;
+    if options.intra_threads > 0 {
+        builder = builder.with_intra_threads(options.intra_threads).map_err(ort_error)?;
+    }
+    if let Some(device) = cuda {
+        let cuda = ep::CUDA::default().with_device_id(device).build().error_on_failure();
+        builder = builder.with_execution_providers([cuda]).map_err(ort_error)?;
+    }
+    builder.commit_from_memory(&model.onnx).map_err(ort_error)
+}
+
+/// Reads the input name/shape and checks the output is `[N, K]` float logits.
+fn model_shape(session: &Session) -> Result<ModelShape, EngineError> {
+    let bad = |m: String| EngineError::Model(m);
+    let [input] = session.inputs() else {
+        return Err(bad(format!("expected one input, found {}", session.inputs().len())));
+    };
+    let Some(output) = session.outputs().first() else {
+        return Err(bad("the model has no outputs".into()));
+    };
+    let input_shape = match input.dtype() {
+        ValueType::Tensor { ty, shape, .. } if *ty == ort::value::TensorElementType::Float32 && shape.len() == 4 => {
+            shape.iter().copied().collect::<Vec<i64>>()
+        }
+        other => {
+            return Err(bad(format!(
+                "input {:?} must be a float32 NCHW tensor, found {other:?}",
+                input.name()
+            )))
+        }
+    };
+    let classes = match output.dtype() {
+        ValueType::Tensor { ty, shape, .. }
+            if *ty == ort::value::TensorElementType::Float32 && shape.len() == 2 && shape[1] >= 2 =>
+        {
+            shape[1] as usize
+        }
+        other => {
+            return Err(bad(format!(
+                "output {:?} must be float32 logits [N, K] with K >= 2 known, found {other:?}",
+                output.name()
+            )))
+        }
+    };
+    Ok(ModelShape {
+        input_name: input.name().to_string(),
+        input_shape,
+        classes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!("auto".parse(), Ok(Device::Auto));
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
+        assert!("cuda:-1".parse::<Device>().is_err());
+        assert!("gpu".parse::<Device>().unwrap_err().contains("gpu"));
+    }
+}

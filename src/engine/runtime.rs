@@ -1,0 +1,141 @@
+//! Finding and loading the ONNX Runtime shared library.
+//!
+//! `ort` is built with `load-dynamic`: nothing is downloaded at build time
+//! (its CDN is unreachable behind many firewalls). The library comes from the
+//! pinned PyPI wheel `onnxruntime==1.32.0`, which `scripts/setup.sh` unpacks
+//! into `.cache/onnxruntime/`. The library is checked to exist before `ort`
+//! sees it, so a missing library is an error that names the fix, not a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+
+/// Environment variable naming the library file explicitly.
+pub const ENV_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
+/// The library file name inside the pinned wheel.
+pub const LIBRARY_FILE: &str = "libonnxruntime.so.1.32.0";
+/// The project-local cache that `scripts/setup.sh` fills.
+pub const PROJECT_CACHE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.cache/onnxruntime");
+
+/// Why ONNX Runtime could not be made ready.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// `ORT_DYLIB_PATH` names a file that is not there.
+    #[error("{ENV_DYLIB_PATH} is set to {0}, which does not exist")]
+    EnvPathMissing(PathBuf),
+    /// No library anywhere it was looked for.
+    #[error(
+        "ONNX Runtime library not found (looked at ${ENV_DYLIB_PATH}, {PROJECT_CACHE}, beside the executable, \
+         and a Python `onnxruntime` install). Fix: run `scripts/setup.sh` (downloads the pinned onnxruntime==1.32.0 \
+         wheel with pip and unpacks {LIBRARY_FILE}), or set {ENV_DYLIB_PATH}=/path/to/libonnxruntime.so"
+    )]
+    NotFound,
+    /// The library was found but `ort` could not load or initialize it.
+    #[error("cannot load ONNX Runtime from {path}: {detail}")]
+    Load {
+        /// The library file.
+        path: PathBuf,
+        /// What ort reported.
+        detail: String,
+    },
+}
+
+/// Where the library was found and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// The library file.
+    pub path: PathBuf,
+    /// Which lookup rule found it, for the start-up log.
+    pub via: &'static str,
+}
+
+/// Looks for the library: `ORT_DYLIB_PATH`, the project cache, beside the
+/// executable, then a Python `onnxruntime` install.
+pub fn locate() -> Result<Located, RuntimeError> {
+    if let Some(path) = std::env::var_os(ENV_DYLIB_PATH).filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(Located {
+                path,
+                via: ENV_DYLIB_PATH,
+            })
+        } else {
+            Err(RuntimeError::EnvPathMissing(path))
+        };
+    }
+    let found = |dir: &Path, via| find_in(dir).map(|path| Located { path, via });
+    if let Some(hit) = found(Path::new(PROJECT_CACHE), "project cache") {
+        return Ok(hit);
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        if let Some(hit) = found(&dir, "beside the executable") {
+            return Ok(hit);
+        }
+    }
+    if let Some(dir) = python_onnxruntime_capi() {
+        if let Some(hit) = found(&dir, "python onnxruntime") {
+            return Ok(hit);
+        }
+    }
+    Err(RuntimeError::NotFound)
+}
+
+/// `libonnxruntime.so.1.32.0`, else any `libonnxruntime.so*`, in `dir`.
+fn find_in(dir: &Path) -> Option<PathBuf> {
+    let exact = dir.join(LIBRARY_FILE);
+    if exact.is_file() {
+        return Some(exact);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    candidates.sort();
+    candidates.pop()
+}
+
+/// `…/site-packages/onnxruntime/capi` of the first Python that imports it.
+fn python_onnxruntime_capi() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(dir.trim()).join("capi"))
+}
+
+/// The process-wide ONNX Runtime environment, loaded once.
+///
+/// Loading twice in one process is not possible (the library stays mapped),
+/// so every engine and test shares this one.
+pub fn environment() -> Result<&'static Environment, RuntimeError> {
+    static ENV: OnceLock<Result<Environment, RuntimeError>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let located = locate()?;
+        let load_error = |detail: String| RuntimeError::Load {
+            path: located.path.clone(),
+            detail,
+        };
+        let env = ort::init_from(&located.path)
+            .map_err(|e| load_error(e.to_string()))?
+            .with_name("odin-sidecar")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| load_error(e.to_string()))?;
+        tracing::info!(path = %located.path.display(), via = located.via, "loaded ONNX Runtime");
+        Ok(env)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}

@@ -1,0 +1,165 @@
+//! Batch and infer stages: frames from every stream and unary call meet in
+//! one bounded queue; a batcher task groups them (up to `max_batch`, waiting
+//! at most `max_queue_delay` for company) and hands each batch to a pool of
+//! engine worker threads, each owning one ONNX Runtime session.
+//!
+//! The queue is bounded, so when the engine falls behind, submitters wait,
+//! stream readers stop reading, and HTTP/2 flow control pushes back on
+//! producers instead of memory growing without limit.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::Engine;
+use crate::error::FrameError;
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Most frames in one engine run.
+    pub max_batch: usize,
+    /// Longest a frame waits for others to join its batch. Zero batches only
+    /// what is already queued, so a lone frame on an idle server never waits.
+    pub max_queue_delay: Duration,
+    /// Frames that may wait in the queue before submitters are held back.
+    pub queue_capacity: usize,
+}
+
+/// One frame's input on its way to the engine.
+struct Job {
+    input: Vec<f32>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Inference, FrameError>>,
+}
+
+/// What the engine computed for one frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inference {
+    /// The frame's logits.
+    pub logits: Vec<f32>,
+    /// Time from submission until its batch started running.
+    pub queued: Duration,
+    /// Wall time of the engine run of its batch.
+    pub compute: Duration,
+    /// How many frames shared that run.
+    pub batch_size: usize,
+}
+
+/// Handle for submitting frames to the engine workers. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the batcher task and one worker thread per engine. Must be
+    /// called inside a tokio runtime.
+    pub fn start(engines: Vec<Engine>, options: BatchOptions) -> Batcher {
+        let (jobs_tx, jobs_rx) = mpsc::channel(options.queue_capacity.max(1));
+        // One batch may wait while the workers are busy; the next forms
+        // meanwhile, so batches grow with load.
+        let (batches_tx, batches_rx) = mpsc::channel::<Vec<Job>>(1);
+        let batches_rx = Arc::new(Mutex::new(batches_rx));
+        for (i, engine) in engines.into_iter().enumerate() {
+            let batches = Arc::clone(&batches_rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("odin-engine-{i}"))
+                .spawn(move || work(engine, &batches));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot spawn engine worker thread");
+            }
+        }
+        tokio::spawn(gather(jobs_rx, batches_tx, options));
+        Batcher { jobs: jobs_tx }
+    }
+
+    /// Queues one frame's input and waits for its logits. Waits for room in
+    /// the queue first, which is what pushes back on fast producers.
+    pub async fn infer(&self, input: Vec<f32>) -> Result<Inference, FrameError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.jobs.send(job).await.map_err(|_| FrameError::Unavailable)?;
+        answer.await.map_err(|_| FrameError::Unavailable)?
+    }
+
+    /// Frames waiting in the queue now (not counting batches being formed or run).
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+}
+
+/// Groups queued jobs into batches and passes them to the workers.
+async fn gather(mut jobs: mpsc::Receiver<Job>, batches: mpsc::Sender<Vec<Job>>, options: BatchOptions) {
+    while let Some(first) = jobs.recv().await {
+        let deadline = tokio::time::Instant::now() + options.max_queue_delay;
+        let mut batch = vec![first];
+        while batch.len() < options.max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if options.max_queue_delay.is_zero() => break,
+                Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    _ => break,
+                },
+            }
+        }
+        if batches.send(batch).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A worker thread: takes batches until the batcher is gone.
+fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>) {
+    loop {
+        let next = match batches.lock() {
+            Ok(mut rx) => rx.blocking_recv(),
+            Err(_) => None,
+        };
+        let Some(mut batch) = next else { return };
+        // A frame whose stream was cancelled needs no compute.
+        batch.retain(|job| !job.reply.is_closed());
+        if !batch.is_empty() {
+            run_batch(&mut engine, batch);
+        }
+    }
+}
+
+fn run_batch(engine: &mut Engine, batch: Vec<Job>) {
+    let started = Instant::now();
+    let n = batch.len();
+    let mut input = Vec::with_capacity(n * batch[0].input.len());
+    for job in &batch {
+        input.extend_from_slice(&job.input);
+    }
+    let result = engine.logits(&input, n);
+    let compute = started.elapsed();
+    match result {
+        Ok(logits) => {
+            let classes = logits.len() / n;
+            for (job, logits) in batch.into_iter().zip(logits.chunks_exact(classes)) {
+                let inference = Inference {
+                    logits: logits.to_vec(),
+                    queued: started.saturating_duration_since(job.enqueued),
+                    compute,
+                    batch_size: n,
+                };
+                // The receiver may have left; nothing to do then.
+                let _ = job.reply.send(Ok(inference));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = n, "engine run failed");
+            for job in batch {
+                let _ = job.reply.send(Err(FrameError::Engine(e.to_string())));
+            }
+        }
+    }
+}
