@@ -1,4 +1,5 @@
-//! Compiles the wire protocol with tonic-prost-build.
+//! Compiles the wire protocol and the official ONNX protobuf with
+//! tonic-prost-build.
 //!
 //! protoc comes from the `protoc-bin-vendored` crate so a fresh machine needs
 //! nothing installed; a `PROTOC` set in the environment still wins.
@@ -15,6 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("odin_v1_descriptor.bin"))
         .compile_protos(&["proto/odin/v1/detector.proto"], &["proto"])?;
+    // The official ONNX model format, for the gradient pass: messages only.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&["proto/onnx/onnx.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod wire;
+pub mod onnx;
 pub mod model;
 pub mod dataset;
 pub mod pipeline;
