@@ -52,10 +52,15 @@ impl App {
     /// the batcher. Must run inside a tokio runtime.
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
         if config.workers == 0 || config.batch.max_batch == 0 {
-            return Err(StartError::Config("workers and max batch must be at least 1".into()));
+            return Err(StartError::Config(
+                "workers and max batch must be at least 1".into(),
+            ));
         }
         if !(config.temperature > 0.0) {
-            return Err(StartError::Config(format!("temperature must be > 0, got {}", config.temperature)));
+            return Err(StartError::Config(format!(
+                "temperature must be > 0, got {}",
+                config.temperature
+            )));
         }
         let model = Model::load(&config.model)?;
         let preprocessor = Preprocessor::new(&model.card.input);
@@ -84,7 +89,12 @@ impl App {
             temperature: config.temperature,
             threshold: config.threshold,
         };
-        let pipeline = Arc::new(Pipeline::new(preprocessor, batcher, scoring, model.card.labels.clone()));
+        let pipeline = Arc::new(Pipeline::new(
+            preprocessor,
+            batcher,
+            scoring,
+            model.card.labels.clone(),
+        ));
         Ok(App {
             pipeline,
             info,
@@ -114,11 +124,13 @@ impl App {
                 .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_error = |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
+        let reflection_error =
+            |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-        let detector = DetectorServer::new(DetectorService::new(self.pipeline, self.info, self.window))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let detector =
+            DetectorServer::new(DetectorService::new(self.pipeline, self.info, self.window))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
         // The model is loaded and warmed up before we get here, so SERVING is true from the first request.
         mark_serving(&health).await;
         Server::builder()
@@ -133,9 +145,13 @@ impl App {
 }
 
 async fn mark_serving(health: &HealthReporter) {
-    health.set_serving::<DetectorServer<DetectorService>>().await;
+    health
+        .set_serving::<DetectorServer<DetectorService>>()
+        .await;
     // The empty service name stands for the whole server.
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 }
 
 fn load_engines(model: &Model, config: &ServeConfig) -> Result<Vec<Engine>, StartError> {

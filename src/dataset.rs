@@ -68,8 +68,8 @@ impl RawSet {
             detail,
         };
         let header_path = path.with_extension("json");
-        let header: Header =
-            serde_json::from_slice(&read(&header_path)?).map_err(|e| invalid(format!("{}: {e}", header_path.display())))?;
+        let header: Header = serde_json::from_slice(&read(&header_path)?)
+            .map_err(|e| invalid(format!("{}: {e}", header_path.display())))?;
         let pixels = read(path)?;
         let per_image = header.h as usize * header.w as usize * header.c as usize;
         if per_image == 0 || pixels.len() != header.n * per_image {
@@ -86,7 +86,11 @@ impl RawSet {
         let labels = if labels_path.exists() {
             let labels = read(&labels_path)?;
             if labels.len() != header.n {
-                return Err(invalid(format!("{} labels for {} images", labels.len(), header.n)));
+                return Err(invalid(format!(
+                    "{} labels for {} images",
+                    labels.len(),
+                    header.n
+                )));
             }
             Some(labels)
         } else {

@@ -6,15 +6,15 @@
 //! streams, run through the engine, scored, and answered.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod error;
-pub mod wire;
-pub mod onnx;
-pub mod model;
-pub mod dataset;
-pub mod pipeline;
-pub mod engine;
-pub mod score;
-pub mod server;
 pub mod app;
 pub mod cli;
+pub mod config;
+pub mod dataset;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod onnx;
+pub mod pipeline;
+pub mod score;
+pub mod server;
+pub mod wire;

@@ -60,7 +60,8 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
                 label: set.labels.as_ref().map(|l| l[i]),
             }));
         } else {
-            let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
             items.push(Item {
                 frame: Frame {
                     frame_id: name,
@@ -78,7 +79,8 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
 pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let items = items(&args)?;
     let app = App::build(&args.model.config()?).await?;
-    let (frames, labels): (Vec<Frame>, Vec<Option<u8>>) = items.into_iter().map(|i| (i.frame, i.label)).unzip();
+    let (frames, labels): (Vec<Frame>, Vec<Option<u8>>) =
+        items.into_iter().map(|i| (i.frame, i.label)).unzip();
     let total = frames.len();
     // The same ordered, windowed driver a gRPC stream uses.
     let window = 4 * args.model.max_batch.max(1) * args.model.workers.max(1);
@@ -89,7 +91,11 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if !args.quiet && !args.json {
-        writeln!(out, "{:<32} {:>5} {:<12} {:>10} {:>8} {:>11}", "frame", "class", "label", "score", "in-dist", "max_softmax")?;
+        writeln!(
+            out,
+            "{:<32} {:>5} {:<12} {:>10} {:>8} {:>11}",
+            "frame", "class", "label", "score", "in-dist", "max_softmax"
+        )?;
     }
     let (mut correct, mut labelled, mut errors, mut kept) = (0usize, 0usize, 0usize, 0usize);
     let mut labels = labels.into_iter();
@@ -99,7 +105,11 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         if let Some(error) = &verdict.error {
             errors += 1;
             if !args.quiet && !args.json {
-                writeln!(out, "{:<32} error {}: {}", verdict.frame_id, error.reason, error.message)?;
+                writeln!(
+                    out,
+                    "{:<32} error {}: {}",
+                    verdict.frame_id, error.reason, error.message
+                )?;
             }
         } else {
             kept += usize::from(verdict.in_distribution);
@@ -118,7 +128,10 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     out.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let accuracy = if labelled > 0 {
-        format!(", accuracy {:.4} on {labelled} labelled", correct as f64 / labelled as f64)
+        format!(
+            ", accuracy {:.4} on {labelled} labelled",
+            correct as f64 / labelled as f64
+        )
     } else {
         String::new()
     };
@@ -126,7 +139,11 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         "{total} frames in {seconds:.2} s ({:.1} frames/s): {kept} in-distribution, {errors} errors{accuracy}",
         total as f64 / seconds
     );
-    Ok(if errors > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if errors > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn print_row(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {

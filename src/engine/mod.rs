@@ -35,7 +35,11 @@ impl FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             _ => {
                 let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
-                n.parse::<i32>().ok().filter(|n| *n >= 0).map(Device::Cuda).ok_or_else(bad)
+                n.parse::<i32>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .map(Device::Cuda)
+                    .ok_or_else(bad)
             }
         }
     }
@@ -154,7 +158,10 @@ impl Engine {
         let c = &model.card.input;
         let chw = [c.channels as usize, c.height as usize, c.width as usize];
         let declared = &shape.input_shape[1..];
-        let fits = declared.iter().zip(chw).all(|(d, want)| *d < 0 || *d as usize == want);
+        let fits = declared
+            .iter()
+            .zip(chw)
+            .all(|(d, want)| *d < 0 || *d as usize == want);
         if !fits {
             return Err(EngineError::Model(format!(
                 "the card says the input is [N, {}, {}, {}] but the model declares {:?}",
@@ -190,7 +197,8 @@ impl Engine {
             .run(ort::inputs![self.shape.input_name.as_str() => tensor])
             .map_err(ort_error)?;
         let (shape, logits) = outputs[0].try_extract_tensor::<f32>().map_err(ort_error)?;
-        if shape.len() != 2 || shape[0] as usize != batch || shape[1] as usize != self.shape.classes {
+        if shape.len() != 2 || shape[0] as usize != batch || shape[1] as usize != self.shape.classes
+        {
             return Err(EngineError::Model(format!(
                 "expected logits of shape [{batch}, {}], got {shape:?}",
                 self.shape.classes
@@ -211,11 +219,18 @@ fn build_session(
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(ort_error)?;
     if options.intra_threads > 0 {
-        builder = builder.with_intra_threads(options.intra_threads).map_err(ort_error)?;
+        builder = builder
+            .with_intra_threads(options.intra_threads)
+            .map_err(ort_error)?;
     }
     if let Some(device) = cuda {
-        let cuda = ep::CUDA::default().with_device_id(device).build().error_on_failure();
-        builder = builder.with_execution_providers([cuda]).map_err(ort_error)?;
+        let cuda = ep::CUDA::default()
+            .with_device_id(device)
+            .build()
+            .error_on_failure();
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(ort_error)?;
     }
     builder.commit_from_memory(&model.onnx).map_err(ort_error)
 }
@@ -224,13 +239,18 @@ fn build_session(
 fn model_shape(session: &Session) -> Result<ModelShape, EngineError> {
     let bad = |m: String| EngineError::Model(m);
     let [input] = session.inputs() else {
-        return Err(bad(format!("expected one input, found {}", session.inputs().len())));
+        return Err(bad(format!(
+            "expected one input, found {}",
+            session.inputs().len()
+        )));
     };
     let Some(output) = session.outputs().first() else {
         return Err(bad("the model has no outputs".into()));
     };
     let input_shape = match input.dtype() {
-        ValueType::Tensor { ty, shape, .. } if *ty == ort::value::TensorElementType::Float32 && shape.len() == 4 => {
+        ValueType::Tensor { ty, shape, .. }
+            if *ty == ort::value::TensorElementType::Float32 && shape.len() == 4 =>
+        {
             shape.iter().copied().collect::<Vec<i64>>()
         }
         other => {
@@ -242,7 +262,9 @@ fn model_shape(session: &Session) -> Result<ModelShape, EngineError> {
     };
     let classes = match output.dtype() {
         ValueType::Tensor { ty, shape, .. }
-            if *ty == ort::value::TensorElementType::Float32 && shape.len() == 2 && shape[1] >= 2 =>
+            if *ty == ort::value::TensorElementType::Float32
+                && shape.len() == 2
+                && shape[1] >= 2 =>
         {
             shape[1] as usize
         }

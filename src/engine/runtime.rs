@@ -69,7 +69,10 @@ pub fn locate() -> Result<Located, RuntimeError> {
     if let Some(hit) = found(Path::new(PROJECT_CACHE), "project cache") {
         return Ok(hit);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         if let Some(hit) = found(&dir, "beside the executable") {
             return Ok(hit);
         }
@@ -105,7 +108,10 @@ fn find_in(dir: &Path) -> Option<PathBuf> {
 /// `…/site-packages/onnxruntime/capi` of the first Python that imports it.
 fn python_onnxruntime_capi() -> Option<PathBuf> {
     let out = Command::new("python3")
-        .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
         .output()
         .ok()?;
     if !out.status.success() {

@@ -130,7 +130,10 @@ impl ModelCard {
     fn validate(&self) -> Result<(), String> {
         let input = &self.input;
         if !matches!(input.channels, 1 | 3) {
-            return Err(format!("input.channels is {}; 1 or 3 are supported", input.channels));
+            return Err(format!(
+                "input.channels is {}; 1 or 3 are supported",
+                input.channels
+            ));
         }
         if input.height == 0 || input.width == 0 {
             return Err("input.height and input.width must be positive".into());
@@ -144,7 +147,9 @@ impl ModelCard {
             ));
         }
         if let Some(s) = input.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(format!("input.std values must be positive and finite, found {s}"));
+            return Err(format!(
+                "input.std values must be positive and finite, found {s}"
+            ));
         }
         if !(self.odin.temperature > 0.0 && self.odin.epsilon >= 0.0) {
             return Err("odin.temperature must be > 0 and odin.epsilon >= 0".into());
@@ -188,6 +193,9 @@ mod tests {
 
     #[test]
     fn card_path_sits_beside_the_model() {
-        assert_eq!(path_beside(Path::new("m/foo.onnx")), PathBuf::from("m/foo.card.json"));
+        assert_eq!(
+            path_beside(Path::new("m/foo.onnx")),
+            PathBuf::from("m/foo.card.json")
+        );
     }
 }

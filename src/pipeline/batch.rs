@@ -84,7 +84,10 @@ impl Batcher {
             enqueued: Instant::now(),
             reply,
         };
-        self.jobs.send(job).await.map_err(|_| FrameError::Unavailable)?;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| FrameError::Unavailable)?;
         answer.await.map_err(|_| FrameError::Unavailable)?
     }
 
@@ -95,7 +98,11 @@ impl Batcher {
 }
 
 /// Groups queued jobs into batches and passes them to the workers.
-async fn gather(mut jobs: mpsc::Receiver<Job>, batches: mpsc::Sender<Vec<Job>>, options: BatchOptions) {
+async fn gather(
+    mut jobs: mpsc::Receiver<Job>,
+    batches: mpsc::Sender<Vec<Job>>,
+    options: BatchOptions,
+) {
     while let Some(first) = jobs.recv().await {
         let deadline = tokio::time::Instant::now() + options.max_queue_delay;
         let mut batch = vec![first];
@@ -104,10 +111,12 @@ async fn gather(mut jobs: mpsc::Receiver<Job>, batches: mpsc::Sender<Vec<Job>>, 
                 Ok(job) => batch.push(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) if options.max_queue_delay.is_zero() => break,
-                Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                    Ok(Some(job)) => batch.push(job),
-                    _ => break,
-                },
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        _ => break,
+                    }
+                }
             }
         }
         if batches.send(batch).await.is_err() {

@@ -25,7 +25,12 @@ impl Preprocessor {
     /// Builds the preprocessor for a card's input spec.
     pub fn new(spec: &InputSpec) -> Preprocessor {
         let scale = spec.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
-        let shift = spec.mean.iter().zip(&spec.std).map(|(m, s)| m / s).collect();
+        let shift = spec
+            .mean
+            .iter()
+            .zip(&spec.std)
+            .map(|(m, s)| m / s)
+            .collect();
         Preprocessor {
             spec: spec.clone(),
             scale,
@@ -75,7 +80,10 @@ impl Preprocessor {
         };
         Ok(match self.spec.channels {
             1 => self.normalize(image.to_luma8().as_raw(), 1),
-            _ => self.normalize(rgb_in_order(image.to_rgb8(), self.spec.channel_order).as_raw(), 3),
+            _ => self.normalize(
+                rgb_in_order(image.to_rgb8(), self.spec.channel_order).as_raw(),
+                3,
+            ),
         })
     }
 
@@ -245,7 +253,9 @@ mod tests {
         s.mean = vec![0.0; 3];
         s.std = vec![1.0; 3];
         let pre = Preprocessor::new(&s);
-        let t = pre.tensor(Some(&raw(2, 2, 3, [255, 0, 0].repeat(4)))).expect("valid");
+        let t = pre
+            .tensor(Some(&raw(2, 2, 3, [255, 0, 0].repeat(4))))
+            .expect("valid");
         assert_eq!(&t[0..4], &[0.0; 4]);
         assert_eq!(&t[8..12], &[1.0; 4]);
     }
@@ -256,21 +266,37 @@ mod tests {
         let pre = Preprocessor::new(&spec(Resize::Bilinear, ChannelOrder::RGB));
         assert_eq!(pre.tensor(Some(&big)).expect("resized").len(), 12);
         let strict = Preprocessor::new(&spec(Resize::None, ChannelOrder::RGB));
-        assert!(matches!(strict.tensor(Some(&big)), Err(FrameError::SizeMismatch { width: 4, .. })));
+        assert!(matches!(
+            strict.tensor(Some(&big)),
+            Err(FrameError::SizeMismatch { width: 4, .. })
+        ));
     }
 
     #[test]
     fn each_bad_frame_gets_its_own_error() {
         let pre = Preprocessor::new(&spec(Resize::Bilinear, ChannelOrder::RGB));
         assert_eq!(pre.tensor(None), Err(FrameError::Empty));
-        assert_eq!(pre.tensor(Some(&Image::Encoded(vec![]))), Err(FrameError::Empty));
+        assert_eq!(
+            pre.tensor(Some(&Image::Encoded(vec![]))),
+            Err(FrameError::Empty)
+        );
         assert!(matches!(
             pre.tensor(Some(&raw(2, 2, 3, vec![0; 11]))),
-            Err(FrameError::RawLength { got: 11, want: 12, .. })
+            Err(FrameError::RawLength {
+                got: 11,
+                want: 12,
+                ..
+            })
         ));
-        assert_eq!(pre.tensor(Some(&raw(2, 2, 2, vec![0; 8]))), Err(FrameError::Channels(2)));
+        assert_eq!(
+            pre.tensor(Some(&raw(2, 2, 2, vec![0; 8]))),
+            Err(FrameError::Channels(2))
+        );
         let garbage = Image::Encoded(b"\xff\xd8\xff\xe0 not really a jpeg".to_vec());
-        assert!(matches!(pre.tensor(Some(&garbage)), Err(FrameError::Decode { .. })));
+        assert!(matches!(
+            pre.tensor(Some(&garbage)),
+            Err(FrameError::Decode { .. })
+        ));
         let tensor = |shape: Vec<u32>, data: Vec<f32>| Image::Tensor(Tensor { shape, data });
         assert!(matches!(
             pre.tensor(Some(&tensor(vec![1, 3, 2, 3], vec![0.0; 18]))),
@@ -298,6 +324,9 @@ mod tests {
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encodes");
         let from_png = pre.tensor(Some(&Image::Encoded(png))).expect("decodes");
-        assert_eq!(from_png, pre.tensor(Some(&raw(2, 2, 3, px))).expect("valid"));
+        assert_eq!(
+            from_png,
+            pre.tensor(Some(&raw(2, 2, 3, px))).expect("valid")
+        );
     }
 }

@@ -40,13 +40,20 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("scoring", &self.scoring).finish()
+        f.debug_struct("Pipeline")
+            .field("scoring", &self.scoring)
+            .finish()
     }
 }
 
 impl Pipeline {
     /// Assembles the pipeline from its stages.
-    pub fn new(preprocessor: Preprocessor, batcher: Batcher, scoring: ScoringOptions, labels: Vec<String>) -> Pipeline {
+    pub fn new(
+        preprocessor: Preprocessor,
+        batcher: Batcher,
+        scoring: ScoringOptions,
+        labels: Vec<String>,
+    ) -> Pipeline {
         Pipeline {
             preprocessor,
             batcher,

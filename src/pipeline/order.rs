@@ -21,8 +21,12 @@ pub const DEFAULT_WINDOW: usize = 64;
 /// Reads `frames` until the client half-closes (or the stream fails),
 /// answers every frame read, in order, on `verdicts`, then returns.
 /// Returns early, dropping pending work, when the client goes away.
-pub async fn drive<S>(pipeline: Arc<Pipeline>, mut frames: S, verdicts: mpsc::Sender<Result<Verdict, Status>>, window: usize)
-where
+pub async fn drive<S>(
+    pipeline: Arc<Pipeline>,
+    mut frames: S,
+    verdicts: mpsc::Sender<Result<Verdict, Status>>,
+    window: usize,
+) where
     S: Stream<Item = Result<Frame, Status>> + Unpin,
 {
     let mut in_flight = FuturesOrdered::new();

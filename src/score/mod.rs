@@ -43,7 +43,9 @@ impl FromStr for Method {
             "msp" => Ok(Method::Msp),
             "maxlogit" | "max-logit" => Ok(Method::MaxLogit),
             "energy" => Ok(Method::Energy),
-            other => Err(format!("unknown scoring method {other:?}: use msp, maxlogit or energy")),
+            other => Err(format!(
+                "unknown scoring method {other:?}: use msp, maxlogit or energy"
+            )),
         }
     }
 }
@@ -126,14 +128,23 @@ pub fn argmax(logits: &[f32]) -> usize {
 /// T = 1000 all probabilities sit near 1/K and f32 would lose the signal.
 pub fn max_softmax(logits: &[f32], temperature: f32) -> f32 {
     let t = f64::from(temperature);
-    let max = logits.iter().map(|v| f64::from(*v)).fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = logits.iter().map(|v| ((f64::from(*v) - max) / t).exp()).sum();
+    let max = logits
+        .iter()
+        .map(|v| f64::from(*v))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|v| ((f64::from(*v) - max) / t).exp())
+        .sum();
     (1.0 / sum) as f32
 }
 
 /// `logsumexp(z / T)`, stably.
 fn log_sum_exp(logits: &[f32], t: f64) -> f64 {
-    let max = logits.iter().map(|v| f64::from(*v) / t).fold(f64::NEG_INFINITY, f64::max);
+    let max = logits
+        .iter()
+        .map(|v| f64::from(*v) / t)
+        .fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = logits.iter().map(|v| (f64::from(*v) / t - max).exp()).sum();
     max + sum.ln()
 }

@@ -34,10 +34,18 @@ impl DetectorService {
 impl Detector for DetectorService {
     type DetectStream = ReceiverStream<Result<Verdict, Status>>;
 
-    async fn detect(&self, request: Request<Streaming<Frame>>) -> Result<Response<Self::DetectStream>, Status> {
+    async fn detect(
+        &self,
+        request: Request<Streaming<Frame>>,
+    ) -> Result<Response<Self::DetectStream>, Status> {
         let frames = request.into_inner();
         let (verdicts, out) = mpsc::channel(self.window.max(1));
-        tokio::spawn(order::drive(Arc::clone(&self.pipeline), frames, verdicts, self.window));
+        tokio::spawn(order::drive(
+            Arc::clone(&self.pipeline),
+            frames,
+            verdicts,
+            self.window,
+        ));
         Ok(Response::new(ReceiverStream::new(out)))
     }
 
@@ -46,7 +54,10 @@ impl Detector for DetectorService {
         Ok(Response::new(verdict))
     }
 
-    async fn get_model_info(&self, _request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(
+        &self,
+        _request: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
         Ok(Response::new(ModelInfo::clone(&self.info)))
     }
 }

@@ -15,7 +15,8 @@ mod tests {
 
     #[test]
     fn descriptor_set_names_the_detector_service() {
-        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("decodes");
+        let set =
+            prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("decodes");
         let file = set
             .file
             .iter()

@@ -1,0 +1,374 @@
+//! End to end over real gRPC: a real tonic server on loopback, the real
+//! ResNet-20 in ONNX Runtime, real CIFAR-10 and TinyImageNet frames.
+
+mod common;
+
+use common::*;
+use odin_sidecar::engine::{Device, Engine, EngineOptions};
+use odin_sidecar::model::Model;
+use odin_sidecar::wire::{frame::Image, Frame, GetModelInfoRequest, RawImage, Tensor, Verdict};
+use tokio_stream::StreamExt;
+
+fn frame(id: String, image: Image) -> Frame {
+    Frame {
+        frame_id: id,
+        image: Some(image),
+        ..Frame::default()
+    }
+}
+
+/// Streams `frames` on one Detect call and collects every verdict.
+async fn detect_all(server: &TestServer, frames: Vec<Frame>) -> Vec<Verdict> {
+    let mut client = server.client().await;
+    let response = client
+        .detect(tokio_stream::iter(frames))
+        .await
+        .expect("Detect starts");
+    let mut stream = response.into_inner();
+    let mut verdicts = Vec::new();
+    while let Some(v) = stream.next().await {
+        verdicts.push(v.expect("verdict, not a stream error"));
+    }
+    verdicts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_image_form_gets_the_models_own_answer() {
+    let config = resnet20();
+    let server = TestServer::start(config.clone()).await;
+    let mut engine = Engine::load(
+        &Model::load(&config.model).expect("model"),
+        &EngineOptions {
+            device: Device::Cpu,
+            intra_threads: 1,
+        },
+    )
+    .expect("engine");
+
+    let (cifar, tin) = (cifar10_test(), tin_crop());
+    let mut frames = Vec::new();
+    let mut expected = Vec::new(); // (frame_id, logits computed in-process)
+    let pixels: Vec<(&str, usize, &[u8])> = (0..12)
+        .map(|i| ("cifar", i, cifar.pixels(i)))
+        .chain((0..12).map(|i| ("tin", i, tin.pixels(i))))
+        .collect();
+    for (set, i, px) in pixels {
+        let forms: Vec<(&str, Image, Vec<u8>)> = {
+            let jpeg = encode(px, 32, 32, image::ImageFormat::Jpeg);
+            let decoded_jpeg = image::load_from_memory(&jpeg)
+                .expect("decodes")
+                .to_rgb8()
+                .into_raw();
+            vec![
+                ("jpeg", Image::Encoded(jpeg), decoded_jpeg),
+                (
+                    "png",
+                    Image::Encoded(encode(px, 32, 32, image::ImageFormat::Png)),
+                    px.to_vec(),
+                ),
+                (
+                    "raw",
+                    Image::Raw(RawImage {
+                        width: 32,
+                        height: 32,
+                        channels: 3,
+                        pixels: px.to_vec(),
+                    }),
+                    px.to_vec(),
+                ),
+                (
+                    "tensor",
+                    Image::Tensor(Tensor {
+                        shape: vec![1, 3, 32, 32],
+                        data: normalize(px, &MEAN, &STD),
+                    }),
+                    px.to_vec(),
+                ),
+            ]
+        };
+        for (form, image, reference_pixels) in forms {
+            let id = format!("{set}-{i}-{form}");
+            let logits = engine
+                .logits(&normalize(&reference_pixels, &MEAN, &STD), 1)
+                .expect("runs");
+            expected.push((id.clone(), logits));
+            frames.push(frame(id, image));
+        }
+    }
+
+    let verdicts = detect_all(&server, frames).await;
+    assert_eq!(
+        verdicts.len(),
+        expected.len(),
+        "exactly one verdict per frame"
+    );
+    for (verdict, (id, logits)) in verdicts.iter().zip(&expected) {
+        assert_eq!(&verdict.frame_id, id, "verdicts come back in frame order");
+        assert!(verdict.error.is_none(), "{id}: {:?}", verdict.error);
+        assert_eq!(verdict.predicted_class as usize, argmax(logits), "{id}");
+        let want = reference_max_softmax(logits);
+        assert!(
+            (f64::from(verdict.max_softmax) - want).abs() < 1e-5,
+            "{id}: max_softmax {} vs {want}",
+            verdict.max_softmax
+        );
+        assert_eq!(verdict.method, "msp");
+        assert_eq!(
+            verdict.score, verdict.max_softmax,
+            "msp at T = 1 is the max softmax"
+        );
+        assert_eq!(verdict.in_distribution, verdict.score >= verdict.threshold);
+        let t = verdict.timings.expect("timings");
+        assert!(t.total_us >= t.decode_us && t.total_us > 0, "{t:?}");
+    }
+    let labels = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ];
+    assert_eq!(
+        verdicts[0].label,
+        labels[verdicts[0].predicted_class as usize]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
+    let server = TestServer::start(resnet20()).await;
+    let cifar = cifar10_test();
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let frames: Vec<Frame> = (0..100)
+            .map(|i| {
+                let idx = s * 100 + i;
+                let mut f = frame(format!("s{s}-f{i}"), Image::Raw(cifar.raw(idx)));
+                f.attributes.insert("camera".into(), format!("cam-{s}"));
+                f
+            })
+            .collect();
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client
+                .detect(tokio_stream::iter(frames))
+                .await
+                .expect("starts")
+                .into_inner();
+            let mut got = Vec::new();
+            while let Some(v) = stream.next().await {
+                got.push(v.expect("verdict"));
+            }
+            (s, got)
+        }));
+    }
+    for task in tasks {
+        let (s, got) = task.await.expect("stream task");
+        let ids: Vec<String> = got.iter().map(|v| v.frame_id.clone()).collect();
+        let want: Vec<String> = (0..100).map(|i| format!("s{s}-f{i}")).collect();
+        assert_eq!(ids, want, "stream {s}: every frame once, in order");
+        assert!(got.iter().all(|v| v.error.is_none()));
+        assert!(got
+            .iter()
+            .all(|v| v.attributes.get("camera") == Some(&format!("cam-{s}"))));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
+    let server = TestServer::start(resnet20()).await;
+    let cifar = cifar10_test();
+    let good = |i: usize| frame(format!("good-{i}"), Image::Raw(cifar.raw(i)));
+    let mut corrupt = encode(cifar.pixels(0), 32, 32, image::ImageFormat::Jpeg);
+    corrupt.truncate(corrupt.len() / 3);
+    let small_png = encode(&vec![90u8; 16 * 16 * 3], 16, 16, image::ImageFormat::Png);
+    let frames = vec![
+        good(0),
+        frame("corrupt-jpeg".into(), Image::Encoded(corrupt)),
+        good(1),
+        frame("png-16x16".into(), Image::Encoded(small_png)),
+        good(2),
+        Frame {
+            frame_id: "empty".into(),
+            ..Frame::default()
+        },
+        good(3),
+        frame(
+            "raw-short".into(),
+            Image::Raw(RawImage {
+                width: 32,
+                height: 32,
+                channels: 3,
+                pixels: vec![0; 32 * 32 * 3 - 1],
+            }),
+        ),
+        good(4),
+    ];
+    let verdicts = detect_all(&server, frames).await;
+    let summary: Vec<(String, String)> = verdicts
+        .iter()
+        .map(|v| {
+            (
+                v.frame_id.clone(),
+                v.error
+                    .as_ref()
+                    .map(|e| e.reason.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let expect = |id: &str, reason: &str| (id.to_string(), reason.to_string());
+    assert_eq!(
+        summary,
+        vec![
+            expect("good-0", ""),
+            expect("corrupt-jpeg", "DECODE_FAILED"),
+            expect("good-1", ""),
+            expect("png-16x16", "SIZE_MISMATCH"),
+            expect("good-2", ""),
+            expect("empty", "EMPTY_FRAME"),
+            expect("good-3", ""),
+            expect("raw-short", "RAW_LENGTH_MISMATCH"),
+            expect("good-4", ""),
+        ]
+    );
+    for v in verdicts.iter().filter(|v| v.error.is_some()) {
+        let e = v.error.as_ref().expect("error");
+        assert_eq!(
+            e.code,
+            tonic::Code::InvalidArgument as i32,
+            "{}",
+            v.frame_id
+        );
+        assert!(!e.message.is_empty());
+    }
+    let short = &verdicts[7].error.as_ref().expect("error").message;
+    assert!(
+        short.contains("3071 bytes") && short.contains("3072"),
+        "{short}"
+    );
+    let png = &verdicts[3].error.as_ref().expect("error").message;
+    assert!(png.contains("16x16") && png.contains("32x32"), "{png}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_one_and_model_info_answer_unary_calls() {
+    let server = TestServer::start(resnet20()).await;
+    let mut client = server.client().await;
+    let cifar = cifar10_test();
+    let mut f = frame("one".into(), Image::Raw(cifar.raw(7)));
+    f.attributes.insert("k".into(), "v".into());
+    let v = client.detect_one(f).await.expect("DetectOne").into_inner();
+    assert_eq!(v.frame_id, "one");
+    assert!(v.error.is_none());
+    assert_eq!(v.attributes.get("k").map(String::as_str), Some("v"));
+    let bad = client
+        .detect_one(frame("bad".into(), Image::Encoded(b"GIF89a".to_vec())))
+        .await
+        .expect("a bad frame is a verdict, not a failed call")
+        .into_inner();
+    assert_eq!(bad.error.expect("error").reason, "DECODE_FAILED");
+
+    let info = client
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.name, "resnet20_cifar10");
+    assert_eq!(info.input_name, "input");
+    assert_eq!(info.input_shape, vec![-1, 3, 32, 32]);
+    assert_eq!(info.labels.len(), 10);
+    assert_eq!(info.execution_provider, "CPUExecutionProvider");
+    let pre = info.preprocessing.expect("preprocessing");
+    assert_eq!(
+        (pre.height, pre.width, pre.resize.as_str()),
+        (32, 32, "none")
+    );
+    assert_eq!(info.scoring.expect("scoring").method, "msp");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_and_reflection_lists_the_detector() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+
+    let server = TestServer::start(resnet20()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "odin.v1.Detector"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses.next().await.expect("one response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"odin.v1.Detector".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
+    let mut cuda = resnet20();
+    cuda.engine.device = Device::Cuda(0);
+    match odin_sidecar::app::App::build(&cuda).await {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.contains("--device cuda:0"), "{message}");
+            assert!(
+                message.contains("CUDA execution provider could not be registered"),
+                "{message}"
+            );
+        }
+        // On a machine with a GPU and a CUDA build of ONNX Runtime the request is honoured.
+        Ok(app) => assert!(app
+            .info()
+            .execution_provider
+            .starts_with("CUDAExecutionProvider")),
+    }
+
+    let mut auto = resnet20();
+    auto.engine.device = Device::Auto;
+    let server = TestServer::start(auto).await;
+    let provider = server.app_info.execution_provider.clone();
+    assert!(provider == "CPUExecutionProvider" || provider.starts_with("CUDAExecutionProvider"));
+    let mut client = server.client().await;
+    let v = client
+        .detect_one(frame("auto".into(), Image::Raw(cifar10_test().raw(0))))
+        .await
+        .expect("served")
+        .into_inner();
+    assert!(v.error.is_none());
+}
