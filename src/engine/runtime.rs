@@ -54,7 +54,13 @@ pub struct Located {
 /// Looks for the library: `ORT_DYLIB_PATH`, the project cache, beside the
 /// executable, then a Python `onnxruntime` install.
 pub fn locate() -> Result<Located, RuntimeError> {
-    if let Some(path) = std::env::var_os(ENV_DYLIB_PATH).filter(|p| !p.is_empty()) {
+    locate_from(std::env::var_os(ENV_DYLIB_PATH))
+}
+
+/// `locate` with the value of `ORT_DYLIB_PATH` passed in, so tests need not
+/// touch the process environment.
+fn locate_from(env_path: Option<std::ffi::OsString>) -> Result<Located, RuntimeError> {
+    if let Some(path) = env_path.filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         return if path.is_file() {
             Ok(Located {
@@ -144,4 +150,52 @@ pub fn environment() -> Result<&'static Environment, RuntimeError> {
     })
     .as_ref()
     .map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_explicit_path_wins_and_must_exist() {
+        let missing = locate_from(Some("/nonexistent/libonnxruntime.so".into())).unwrap_err();
+        assert!(matches!(missing, RuntimeError::EnvPathMissing(_)));
+        assert!(missing.to_string().contains("ORT_DYLIB_PATH"));
+        let this_file = PathBuf::from(file!()).canonicalize().or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(file!())
+                .canonicalize()
+        });
+        let this_file = this_file.expect("source file exists");
+        let found =
+            locate_from(Some(this_file.clone().into())).expect("an existing file is taken as is");
+        assert_eq!(
+            found,
+            Located {
+                path: this_file,
+                via: ENV_DYLIB_PATH
+            }
+        );
+    }
+
+    #[test]
+    fn a_directory_yields_the_pinned_library_or_any_version() {
+        let dir = std::env::temp_dir().join(format!("odin-runtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        assert_eq!(find_in(&dir), None);
+        std::fs::write(dir.join("libonnxruntime.so.1.30.0"), b"").expect("write");
+        assert_eq!(find_in(&dir), Some(dir.join("libonnxruntime.so.1.30.0")));
+        std::fs::write(dir.join(LIBRARY_FILE), b"").expect("write");
+        assert_eq!(find_in(&dir), Some(dir.join(LIBRARY_FILE)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn not_found_names_the_fix() {
+        let message = RuntimeError::NotFound.to_string();
+        assert!(
+            message.contains("scripts/setup.sh") && message.contains("ORT_DYLIB_PATH"),
+            "{message}"
+        );
+    }
 }
