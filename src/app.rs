@@ -83,11 +83,13 @@ impl App {
             threshold = config.threshold,
             "model loaded and warmed up"
         );
+        let can_perturb = engines[0].can_perturb();
         let batcher = Batcher::start(engines, config.batch);
         let scoring = ScoringOptions {
-            method: config.method,
-            temperature: config.temperature,
+            scoring: config.scoring(),
             threshold: config.threshold,
+            bounds: config.bounds,
+            can_perturb,
         };
         let pipeline = Arc::new(Pipeline::new(
             preprocessor,
@@ -159,7 +161,7 @@ fn load_engines(model: &Model, config: &ServeConfig) -> Result<Vec<Engine>, Star
     let zeros = vec![0.0f32; (input.channels * input.height * input.width) as usize];
     (0..config.workers)
         .map(|_| {
-            let mut engine = Engine::load(model, &config.engine)?;
+            let mut engine = Engine::load(model, None, &config.engine)?;
             // Warm-up: the first run allocates and picks kernels.
             engine.logits(&zeros, 1)?;
             Ok(engine)
@@ -193,8 +195,13 @@ fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo
         scoring: Some(wire::Scoring {
             method: config.method.to_string(),
             temperature: config.temperature,
-            epsilon: 0.0,
+            epsilon: config.scoring().effective_epsilon(),
             threshold: config.threshold,
+            threshold_source: config.threshold_source.clone(),
+            min_temperature: config.bounds.min_temperature,
+            max_temperature: config.bounds.max_temperature,
+            max_epsilon: config.bounds.max_epsilon,
+            perturbation_available: engine.can_perturb(),
         }),
     }
 }

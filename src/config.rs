@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
-use crate::pipeline::{order, BatchOptions};
+use crate::pipeline::{order, BatchOptions, OverrideBounds};
 use crate::score::Method;
 
 /// Address `serve` listens on by default.
@@ -23,6 +23,13 @@ pub const DEFAULT_WORKERS: usize = 1;
 /// Decision threshold used when none is configured. Uncalibrated: run
 /// `calibrate` for a threshold at a chosen true-positive rate.
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
+/// Per-frame override bounds: the paper's grid spans T ∈ [1, 1000] and
+/// ε ∈ [0, 0.004].
+pub const DEFAULT_OVERRIDE_BOUNDS: OverrideBounds = OverrideBounds {
+    min_temperature: 1.0,
+    max_temperature: 1000.0,
+    max_epsilon: 0.004,
+};
 /// Largest gRPC message accepted (a frame), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -41,8 +48,14 @@ pub struct ServeConfig {
     pub method: Method,
     /// Softmax temperature (1 = plain max-softmax).
     pub temperature: f32,
+    /// ODIN perturbation size ε in [0, 1] pixel units.
+    pub epsilon: f32,
     /// Decision threshold δ.
     pub threshold: f32,
+    /// Where `threshold` came from, for `GetModelInfo` ("flag" or a file).
+    pub threshold_source: String,
+    /// Bounds on per-frame scoring overrides.
+    pub bounds: OverrideBounds,
     /// Frames one stream may have in flight.
     pub stream_window: usize,
 }
@@ -63,8 +76,22 @@ impl Default for ServeConfig {
             },
             method: Method::Msp,
             temperature: 1.0,
+            epsilon: 0.0,
             threshold: DEFAULT_THRESHOLD,
+            threshold_source: "flag".into(),
+            bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The scoring of frames that carry no override.
+    pub fn scoring(&self) -> crate::score::Scoring {
+        crate::score::Scoring {
+            method: self.method,
+            temperature: self.temperature,
+            epsilon: self.epsilon,
         }
     }
 }

@@ -87,6 +87,28 @@ pub enum FrameError {
         /// The value found there.
         value: f32,
     },
+    /// A per-frame scoring override names an unknown method.
+    #[error(
+        "unknown scoring method {0:?} in the frame's override: use msp, odin, energy or maxlogit"
+    )]
+    UnknownMethod(String),
+    /// A per-frame scoring override is outside the configured bounds.
+    #[error("override {field} = {value} is outside the allowed range [{min}, {max}]")]
+    OverrideOutOfBounds {
+        /// "temperature", "epsilon" or "threshold".
+        field: &'static str,
+        /// The value asked for.
+        value: f32,
+        /// Smallest allowed value.
+        min: f32,
+        /// Largest allowed value.
+        max: f32,
+    },
+    /// The frame asks for a perturbation but no gradient graph is loaded.
+    #[error(
+        "method {0} with epsilon > 0 needs the gradient graph, which this server did not load"
+    )]
+    PerturbationUnavailable(String),
     /// The engine failed on the batch that carried this frame.
     #[error("inference failed: {0}")]
     Engine(String),
@@ -101,6 +123,7 @@ impl FrameError {
         match self {
             FrameError::Engine(_) => Code::Internal,
             FrameError::Unavailable => Code::Unavailable,
+            FrameError::PerturbationUnavailable(_) => Code::FailedPrecondition,
             _ => Code::InvalidArgument,
         }
     }
@@ -117,6 +140,9 @@ impl FrameError {
             FrameError::TensorShape { .. } => "TENSOR_SHAPE_MISMATCH",
             FrameError::TensorLength { .. } => "TENSOR_LENGTH_MISMATCH",
             FrameError::NonFinite { .. } => "NON_FINITE_VALUE",
+            FrameError::UnknownMethod(_) => "UNKNOWN_METHOD",
+            FrameError::OverrideOutOfBounds { .. } => "OVERRIDE_OUT_OF_BOUNDS",
+            FrameError::PerturbationUnavailable(_) => "PERTURBATION_UNAVAILABLE",
             FrameError::Engine(_) => "ENGINE_FAILED",
             FrameError::Unavailable => "UNAVAILABLE",
         }

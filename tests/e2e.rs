@@ -38,6 +38,7 @@ async fn every_image_form_gets_the_models_own_answer() {
     let server = TestServer::start(config.clone()).await;
     let mut engine = Engine::load(
         &Model::load(&config.model).expect("model"),
+        None,
         &EngineOptions {
             device: Device::Cpu,
             intra_threads: 1,
@@ -371,4 +372,106 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
         .expect("served")
         .into_inner();
     assert!(v.error.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_overrides_apply_per_frame_and_out_of_bounds_ones_are_rejected() {
+    use odin_sidecar::wire::ScoringOverride;
+    let server = TestServer::start(resnet20()).await;
+    let cifar = cifar10_test();
+    let with = |id: &str, over: ScoringOverride| Frame {
+        frame_id: id.into(),
+        image: Some(Image::Raw(cifar.raw(3))),
+        scoring: Some(over),
+        ..Frame::default()
+    };
+    let frames = vec![
+        with(
+            "energy",
+            ScoringOverride {
+                method: "energy".into(),
+                threshold: Some(-1e9),
+                ..Default::default()
+            },
+        ),
+        with(
+            "hot",
+            ScoringOverride {
+                temperature: Some(5000.0),
+                ..Default::default()
+            },
+        ),
+        with(
+            "eps",
+            ScoringOverride {
+                method: "odin".into(),
+                epsilon: Some(0.5),
+                ..Default::default()
+            },
+        ),
+        with(
+            "bogus",
+            ScoringOverride {
+                method: "bogus".into(),
+                ..Default::default()
+            },
+        ),
+        with(
+            "t10",
+            ScoringOverride {
+                temperature: Some(10.0),
+                ..Default::default()
+            },
+        ),
+    ];
+    let v = detect_all(&server, frames).await;
+    let reason = |i: usize| v[i].error.as_ref().map(|e| e.reason.clone());
+    // Energy: T·logsumexp(z/T) at T = 1 of the model's own logits.
+    let logits = {
+        let config = resnet20();
+        let model = Model::load(&config.model).expect("model");
+        let mut engine = Engine::load(
+            &model,
+            None,
+            &EngineOptions {
+                device: Device::Cpu,
+                intra_threads: 1,
+            },
+        )
+        .expect("engine");
+        engine
+            .logits(&normalize(cifar.pixels(3), &MEAN, &STD), 1)
+            .expect("runs")
+    };
+    let lse = {
+        let m = logits
+            .iter()
+            .map(|x| f64::from(*x))
+            .fold(f64::NEG_INFINITY, f64::max);
+        m + logits
+            .iter()
+            .map(|x| (f64::from(*x) - m).exp())
+            .sum::<f64>()
+            .ln()
+    };
+    assert_eq!(reason(0), None);
+    assert_eq!(v[0].method, "energy");
+    assert!(
+        (f64::from(v[0].score) - lse).abs() < 1e-4 * lse.abs().max(1.0),
+        "{} vs {lse}",
+        v[0].score
+    );
+    assert!(v[0].in_distribution && v[0].threshold == -1e9);
+    assert_eq!(reason(1).as_deref(), Some("OVERRIDE_OUT_OF_BOUNDS"));
+    assert!(v[1]
+        .error
+        .as_ref()
+        .expect("error")
+        .message
+        .contains("temperature = 5000"));
+    assert_eq!(reason(2).as_deref(), Some("OVERRIDE_OUT_OF_BOUNDS"));
+    assert_eq!(reason(3).as_deref(), Some("UNKNOWN_METHOD"));
+    assert_eq!(reason(4), None);
+    assert_eq!((v[4].method.as_str(), v[4].temperature), ("msp", 10.0));
+    assert!(v[4].score < v[4].max_softmax, "T = 10 flattens the softmax");
 }

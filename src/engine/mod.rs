@@ -1,6 +1,12 @@
-//! The engine: one ONNX Runtime session that turns a batch of input tensors
-//! into logits. Each engine worker thread owns one `Engine` (`Session::run`
-//! takes `&mut self`), built on the shared process-wide environment.
+//! The engine: ONNX Runtime sessions that turn a batch of input tensors into
+//! logits and, for ODIN, into the logits of the perturbed batch. Each engine
+//! worker thread owns one `Engine` (`Session::run` takes `&mut self`), built
+//! on the shared process-wide environment.
+//!
+//! ODIN takes two runs per batch: the gradient graph `G` derived from the
+//! model (x, T, ε → logits, perturbed), then the model itself on `perturbed`.
+//! On CPU the perturbed batch goes from G's output buffer straight into the
+//! second run, without a copy.
 
 pub mod runtime;
 
@@ -12,6 +18,19 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::{TensorRef, ValueType};
 
 use crate::model::Model;
+use crate::score::Perturbation;
+
+/// Names of the gradient graph's extra inputs and outputs (see `crate::grad`).
+pub mod graph_names {
+    /// Scalar temperature input of G.
+    pub const TEMPERATURE: &str = "temperature";
+    /// Scalar ε input of G.
+    pub const EPSILON: &str = "epsilon";
+    /// Logits output of G (the unperturbed forward pass).
+    pub const LOGITS: &str = "logits";
+    /// Perturbed input output of G.
+    pub const PERTURBED: &str = "perturbed";
+}
 
 /// Which execution provider to ask for (`--device auto|cpu|cuda[:N]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,9 +133,19 @@ pub struct ModelShape {
     pub classes: usize,
 }
 
-/// One ONNX Runtime session and what it serves.
+/// What one engine run computed for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutput {
+    /// `batch × classes` logits of the frames as sent.
+    pub logits: Vec<f32>,
+    /// `batch × classes` logits of the perturbed frames, when perturbed.
+    pub perturbed_logits: Option<Vec<f32>>,
+}
+
+/// The model's session, and the gradient graph's when ODIN is available.
 pub struct Engine {
     session: Session,
+    gradient: Option<Session>,
     shape: ModelShape,
     chw: [usize; 3],
     provider: Provider,
@@ -132,28 +161,49 @@ impl fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Builds a session for `model` and checks that its input is an NCHW
-    /// image of the card's size and its output a logits vector.
-    pub fn load(model: &Model, options: &EngineOptions) -> Result<Engine, EngineError> {
+    /// Builds a session for `model` (and for its gradient graph `gradient`,
+    /// the bytes `crate::grad::derive` produced, when given) and checks that
+    /// the input is an NCHW image of the card's size and the output logits.
+    pub fn load(
+        model: &Model,
+        gradient: Option<&[u8]>,
+        options: &EngineOptions,
+    ) -> Result<Engine, EngineError> {
         let env = runtime::environment()?;
         let (session, provider) = match options.device {
-            Device::Cpu => (build_session(env, model, options, None)?, Provider::Cpu),
+            Device::Cpu => (
+                build_session(env, &model.onnx, options, None)?,
+                Provider::Cpu,
+            ),
             Device::Cuda(n) => {
-                let session = build_session(env, model, options, Some(n)).map_err(|e| match e {
-                    EngineError::Ort(detail) => EngineError::CudaUnavailable { device: n, detail },
-                    other => other,
-                })?;
+                let session =
+                    build_session(env, &model.onnx, options, Some(n)).map_err(|e| match e {
+                        EngineError::Ort(detail) => {
+                            EngineError::CudaUnavailable { device: n, detail }
+                        }
+                        other => other,
+                    })?;
                 (session, Provider::Cuda(n))
             }
-            Device::Auto => match build_session(env, model, options, Some(0)) {
+            Device::Auto => match build_session(env, &model.onnx, options, Some(0)) {
                 Ok(session) => (session, Provider::Cuda(0)),
                 Err(EngineError::Ort(detail)) => {
                     tracing::debug!(%detail, "CUDA provider not registered");
-                    (build_session(env, model, options, None)?, Provider::Cpu)
+                    (
+                        build_session(env, &model.onnx, options, None)?,
+                        Provider::Cpu,
+                    )
                 }
                 Err(other) => return Err(other),
             },
         };
+        let cuda = match provider {
+            Provider::Cuda(n) => Some(n),
+            Provider::Cpu => None,
+        };
+        let gradient = gradient
+            .map(|bytes| build_session(env, bytes, options, cuda))
+            .transpose()?;
         let shape = model_shape(&session)?;
         let c = &model.card.input;
         let chw = [c.channels as usize, c.height as usize, c.width as usize];
@@ -170,6 +220,7 @@ impl Engine {
         }
         Ok(Engine {
             session,
+            gradient,
             shape,
             chw,
             provider,
@@ -179,6 +230,11 @@ impl Engine {
     /// The execution provider this engine runs on.
     pub fn provider(&self) -> Provider {
         self.provider
+    }
+
+    /// Whether the gradient graph is loaded, so frames can be perturbed.
+    pub fn can_perturb(&self) -> bool {
+        self.gradient.is_some()
     }
 
     /// The model's input and output facts.
@@ -206,11 +262,125 @@ impl Engine {
         }
         Ok(logits.to_vec())
     }
+
+    /// Runs a batch, perturbed first when `perturbation` is given: G on the
+    /// batch, then the model on G's `perturbed` output.
+    pub fn run(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        perturbation: Option<Perturbation>,
+    ) -> Result<BatchOutput, EngineError> {
+        let Some(perturbation) = perturbation else {
+            return Ok(BatchOutput {
+                logits: self.logits(input, batch)?,
+                perturbed_logits: None,
+            });
+        };
+        let [c, h, w] = self.chw;
+        let classes = self.shape.classes;
+        let gradient = self.gradient.as_mut().ok_or_else(no_gradient)?;
+        let g_out = run_gradient(
+            gradient,
+            &self.shape.input_name,
+            [batch, c, h, w],
+            input,
+            perturbation,
+        )?;
+        let logits = extract(&g_out, graph_names::LOGITS, batch * classes)?.to_vec();
+        let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?;
+        let x2 = TensorRef::from_array_view(([batch, c, h, w], perturbed)).map_err(ort_error)?;
+        let out = self
+            .session
+            .run(ort::inputs![self.shape.input_name.as_str() => x2])
+            .map_err(ort_error)?;
+        let (_, perturbed_logits) = out[0].try_extract_tensor::<f32>().map_err(ort_error)?;
+        if perturbed_logits.len() != batch * classes {
+            return Err(EngineError::Model(format!(
+                "perturbed logits have {} values, expected {}",
+                perturbed_logits.len(),
+                batch * classes
+            )));
+        }
+        Ok(BatchOutput {
+            logits,
+            perturbed_logits: Some(perturbed_logits.to_vec()),
+        })
+    }
+
+    /// Runs only the gradient graph: (logits, perturbed input) of a batch.
+    /// Calibration uses it to reuse one gradient direction for many ε.
+    pub fn perturb(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        perturbation: Perturbation,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let [c, h, w] = self.chw;
+        let classes = self.shape.classes;
+        let gradient = self.gradient.as_mut().ok_or_else(no_gradient)?;
+        let g_out = run_gradient(
+            gradient,
+            &self.shape.input_name,
+            [batch, c, h, w],
+            input,
+            perturbation,
+        )?;
+        let logits = extract(&g_out, graph_names::LOGITS, batch * classes)?.to_vec();
+        let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?.to_vec();
+        Ok((logits, perturbed))
+    }
+}
+
+fn no_gradient() -> EngineError {
+    EngineError::Model("no gradient graph is loaded; ODIN is unavailable".into())
+}
+
+/// One run of the gradient graph G on an NCHW batch.
+fn run_gradient<'s>(
+    gradient: &'s mut Session,
+    input_name: &str,
+    shape: [usize; 4],
+    input: &[f32],
+    perturbation: Perturbation,
+) -> Result<ort::session::SessionOutputs<'s>, EngineError> {
+    let x = TensorRef::from_array_view((shape, input)).map_err(ort_error)?;
+    let temperature = [perturbation.temperature];
+    let epsilon = [perturbation.epsilon];
+    // ONNX Runtime accepts shape [1] for the scalar inputs G declares.
+    let t = TensorRef::from_array_view(([1usize], &temperature[..])).map_err(ort_error)?;
+    let e = TensorRef::from_array_view(([1usize], &epsilon[..])).map_err(ort_error)?;
+    gradient
+        .run(ort::inputs![
+            input_name => x,
+            graph_names::TEMPERATURE => t,
+            graph_names::EPSILON => e,
+        ])
+        .map_err(ort_error)
+}
+
+/// The f32 output `name` of a run, checked to hold `len` values.
+fn extract<'a>(
+    outputs: &'a ort::session::SessionOutputs<'_>,
+    name: &str,
+    len: usize,
+) -> Result<&'a [f32], EngineError> {
+    let value = outputs
+        .get(name)
+        .ok_or_else(|| EngineError::Model(format!("the gradient graph has no output {name:?}")))?;
+    let (_, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
+    if data.len() != len {
+        return Err(EngineError::Model(format!(
+            "gradient graph output {name:?} has {} values, expected {len}",
+            data.len()
+        )));
+    }
+    Ok(data)
 }
 
 fn build_session(
     env: &ort::environment::Environment,
-    model: &Model,
+    onnx: &[u8],
     options: &EngineOptions,
     cuda: Option<i32>,
 ) -> Result<Session, EngineError> {
@@ -232,7 +402,7 @@ fn build_session(
             .with_execution_providers([cuda])
             .map_err(ort_error)?;
     }
-    builder.commit_from_memory(&model.onnx).map_err(ort_error)
+    builder.commit_from_memory(onnx).map_err(ort_error)
 }
 
 /// Reads the input name/shape and checks the output is `[N, K]` float logits.

@@ -1,12 +1,15 @@
 //! Batch and infer stages: frames from every stream and unary call meet in
 //! one bounded queue; a batcher task groups them (up to `max_batch`, waiting
 //! at most `max_queue_delay` for company) and hands each batch to a pool of
-//! engine worker threads, each owning one ONNX Runtime session.
+//! engine worker threads, each owning one ONNX Runtime session. Only frames
+//! asking for the same perturbation (T, ε) share a batch, because G takes
+//! them as scalars; a frame that does not fit waits for the next batch.
 //!
 //! The queue is bounded, so when the engine falls behind, submitters wait,
 //! stream readers stop reading, and HTTP/2 flow control pushes back on
 //! producers instead of memory growing without limit.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::Engine;
 use crate::error::FrameError;
+use crate::score::Perturbation;
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,7 @@ pub struct BatchOptions {
 /// One frame's input on its way to the engine.
 struct Job {
     input: Vec<f32>,
+    perturbation: Option<Perturbation>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Inference, FrameError>>,
 }
@@ -39,6 +44,8 @@ struct Job {
 pub struct Inference {
     /// The frame's logits.
     pub logits: Vec<f32>,
+    /// The logits of the perturbed frame, when a perturbation was asked for.
+    pub perturbed_logits: Option<Vec<f32>>,
     /// Time from submission until its batch started running.
     pub queued: Duration,
     /// Wall time of the engine run of its batch.
@@ -75,12 +82,18 @@ impl Batcher {
         Batcher { jobs: jobs_tx }
     }
 
-    /// Queues one frame's input and waits for its logits. Waits for room in
-    /// the queue first, which is what pushes back on fast producers.
-    pub async fn infer(&self, input: Vec<f32>) -> Result<Inference, FrameError> {
+    /// Queues one frame's input and waits for its logits (and those of the
+    /// perturbed frame, with `perturbation`). Waits for room in the queue
+    /// first, which is what pushes back on fast producers.
+    pub async fn infer(
+        &self,
+        input: Vec<f32>,
+        perturbation: Option<Perturbation>,
+    ) -> Result<Inference, FrameError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
+            perturbation,
             enqueued: Instant::now(),
             reply,
         };
@@ -103,24 +116,51 @@ async fn gather(
     batches: mpsc::Sender<Vec<Job>>,
     options: BatchOptions,
 ) {
-    while let Some(first) = jobs.recv().await {
-        let deadline = tokio::time::Instant::now() + options.max_queue_delay;
+    // Jobs taken from the queue that did not fit the batch being formed.
+    let mut held: VecDeque<Job> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let key = first.perturbation.map(|p| p.key());
+        let fits = |job: &Job| job.perturbation.map(|p| p.key()) == key;
         let mut batch = vec![first];
-        while batch.len() < options.max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) if options.max_queue_delay.is_zero() => break,
+        // Held jobs are older: they go first.
+        let mut i = 0;
+        while i < held.len() && batch.len() < options.max_batch {
+            if fits(&held[i]) {
+                batch.extend(held.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + options.max_queue_delay;
+        // Held jobs count against the queue's capacity, so memory stays bounded
+        // however the perturbations of queued frames are mixed.
+        while batch.len() < options.max_batch && held.len() < options.queue_capacity {
+            let next = match jobs.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if options.max_queue_delay.is_zero() => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                        Ok(Some(job)) => batch.push(job),
-                        _ => break,
-                    }
+                    tokio::time::timeout_at(deadline, jobs.recv())
+                        .await
+                        .ok()
+                        .flatten()
                 }
+            };
+            match next {
+                Some(job) if fits(&job) => batch.push(job),
+                Some(job) => held.push_back(job),
+                None => break,
             }
         }
         if batches.send(batch).await.is_err() {
-            break;
+            return;
         }
     }
 }
@@ -148,14 +188,16 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>) {
     for job in &batch {
         input.extend_from_slice(&job.input);
     }
-    let result = engine.logits(&input, n);
+    let result = engine.run(&input, n, batch[0].perturbation);
     let compute = started.elapsed();
     match result {
-        Ok(logits) => {
-            let classes = logits.len() / n;
-            for (job, logits) in batch.into_iter().zip(logits.chunks_exact(classes)) {
+        Ok(output) => {
+            let classes = output.logits.len() / n;
+            for (i, job) in batch.into_iter().enumerate() {
+                let rows = i * classes..(i + 1) * classes;
                 let inference = Inference {
-                    logits: logits.to_vec(),
+                    logits: output.logits[rows.clone()].to_vec(),
+                    perturbed_logits: output.perturbed_logits.as_ref().map(|p| p[rows].to_vec()),
                     queued: started.saturating_duration_since(job.enqueued),
                     compute,
                     batch_size: n,

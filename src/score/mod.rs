@@ -2,8 +2,9 @@
 //! in-distribution", for every method, so one rule `score >= threshold`
 //! serves them all.
 //!
-//! The `Scorer` trait is the seam: the baseline methods here read the logits
-//! of the frame itself; ODIN reuses `Msp` on the logits of the perturbed frame.
+//! The `Scorer` trait is the seam: each method reads the engine's `Outputs`,
+//! the logits of the frame itself and, when the frame was perturbed (ODIN,
+//! or energy with input preprocessing), the logits of the perturbed frame.
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,9 @@ use std::str::FromStr;
 pub enum Method {
     /// Maximum softmax probability at temperature T (Hendrycks & Gimpel 2017).
     Msp,
+    /// ODIN (Liang et al. 2018): max softmax at temperature T of the input
+    /// perturbed by ε against the gradient of its own cross-entropy loss.
+    Odin,
     /// The largest logit.
     MaxLogit,
     /// Negative free energy, `T · logsumexp(z / T)` (Liu et al. 2020).
@@ -24,6 +28,7 @@ impl Method {
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Msp => "msp",
+            Method::Odin => "odin",
             Method::MaxLogit => "maxlogit",
             Method::Energy => "energy",
         }
@@ -41,6 +46,7 @@ impl FromStr for Method {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "msp" => Ok(Method::Msp),
+            "odin" => Ok(Method::Odin),
             "maxlogit" | "max-logit" => Ok(Method::MaxLogit),
             "energy" => Ok(Method::Energy),
             other => Err(format!(
@@ -50,17 +56,98 @@ impl FromStr for Method {
     }
 }
 
-/// Turns one frame's logits into a score; higher = more in-distribution.
+impl Method {
+    /// Whether this method uses the perturbed input when ε > 0.
+    pub fn perturbs(self) -> bool {
+        matches!(self, Method::Odin | Method::Energy)
+    }
+}
+
+/// What the engine computed for one frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Outputs<'a> {
+    /// Logits of the frame as sent.
+    pub logits: &'a [f32],
+    /// Logits of the perturbed frame, when a perturbation was run.
+    pub perturbed: Option<&'a [f32]>,
+}
+
+impl<'a> Outputs<'a> {
+    /// The perturbed logits when present, else the plain ones.
+    fn preferred(&self) -> &'a [f32] {
+        self.perturbed.unwrap_or(self.logits)
+    }
+}
+
+/// The settings that produce one score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Method.
+    pub method: Method,
+    /// Temperature T.
+    pub temperature: f32,
+    /// Perturbation size ε (ignored by methods that do not perturb).
+    pub epsilon: f32,
+}
+
+/// The input perturbation a scoring needs the engine to run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perturbation {
+    /// Temperature of the loss whose gradient gives the direction.
+    pub temperature: f32,
+    /// Step size in [0, 1] pixel units.
+    pub epsilon: f32,
+}
+
+impl Perturbation {
+    /// A hashable identity: frames batch together only with equal keys.
+    pub fn key(&self) -> (u32, u32) {
+        (self.temperature.to_bits(), self.epsilon.to_bits())
+    }
+}
+
+impl Scoring {
+    /// The perturbation to run for this scoring, if any.
+    pub fn perturbation(&self) -> Option<Perturbation> {
+        (self.method.perturbs() && self.epsilon > 0.0).then_some(Perturbation {
+            temperature: self.temperature,
+            epsilon: self.epsilon,
+        })
+    }
+
+    /// The effective ε: zero for methods that do not perturb.
+    pub fn effective_epsilon(&self) -> f32 {
+        if self.method.perturbs() {
+            self.epsilon
+        } else {
+            0.0
+        }
+    }
+
+    /// Scores one frame's outputs.
+    pub fn score(&self, outputs: Outputs<'_>) -> f32 {
+        scorer(self.method, self.temperature).score(outputs)
+    }
+}
+
+/// Turns one frame's outputs into a score; higher = more in-distribution.
 pub trait Scorer: Send + Sync {
     /// The method this scorer implements.
     fn method(&self) -> Method;
-    /// The score of one frame's logits.
-    fn score(&self, logits: &[f32]) -> f32;
+    /// The score of one frame.
+    fn score(&self, outputs: Outputs<'_>) -> f32;
 }
 
 /// Max softmax probability at temperature `T`.
 #[derive(Debug, Clone, Copy)]
 pub struct Msp {
+    /// Softmax temperature.
+    pub temperature: f32,
+}
+
+/// ODIN: max softmax probability at temperature `T` of the perturbed input.
+#[derive(Debug, Clone, Copy)]
+pub struct Odin {
     /// Softmax temperature.
     pub temperature: f32,
 }
@@ -80,8 +167,17 @@ impl Scorer for Msp {
     fn method(&self) -> Method {
         Method::Msp
     }
-    fn score(&self, logits: &[f32]) -> f32 {
-        max_softmax(logits, self.temperature)
+    fn score(&self, outputs: Outputs<'_>) -> f32 {
+        max_softmax(outputs.logits, self.temperature)
+    }
+}
+
+impl Scorer for Odin {
+    fn method(&self) -> Method {
+        Method::Odin
+    }
+    fn score(&self, outputs: Outputs<'_>) -> f32 {
+        max_softmax(outputs.preferred(), self.temperature)
     }
 }
 
@@ -89,8 +185,12 @@ impl Scorer for MaxLogit {
     fn method(&self) -> Method {
         Method::MaxLogit
     }
-    fn score(&self, logits: &[f32]) -> f32 {
-        logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    fn score(&self, outputs: Outputs<'_>) -> f32 {
+        outputs
+            .logits
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max)
     }
 }
 
@@ -98,9 +198,9 @@ impl Scorer for Energy {
     fn method(&self) -> Method {
         Method::Energy
     }
-    fn score(&self, logits: &[f32]) -> f32 {
+    fn score(&self, outputs: Outputs<'_>) -> f32 {
         let t = f64::from(self.temperature);
-        (t * log_sum_exp(logits, t)) as f32
+        (t * log_sum_exp(outputs.preferred(), t)) as f32
     }
 }
 
@@ -108,6 +208,7 @@ impl Scorer for Energy {
 pub fn scorer(method: Method, temperature: f32) -> Box<dyn Scorer> {
     match method {
         Method::Msp => Box::new(Msp { temperature }),
+        Method::Odin => Box::new(Odin { temperature }),
         Method::MaxLogit => Box::new(MaxLogit),
         Method::Energy => Box::new(Energy { temperature }),
     }
@@ -173,18 +274,56 @@ mod tests {
     fn energy_is_negated_free_energy() {
         let z = [0.5f32, -1.0, 2.0];
         let lse = z.iter().map(|v| f64::from(*v).exp()).sum::<f64>().ln();
-        assert!((f64::from(Energy { temperature: 1.0 }.score(&z)) - lse).abs() < 1e-6);
+        let outputs = Outputs {
+            logits: &z,
+            perturbed: None,
+        };
+        assert!((f64::from(Energy { temperature: 1.0 }.score(outputs)) - lse).abs() < 1e-6);
     }
 
     #[test]
     fn argmax_takes_the_first_of_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
-        assert_eq!(MaxLogit.score(&[1.0, 3.0, -2.0]), 3.0);
+        let outputs = Outputs {
+            logits: &[1.0, 3.0, -2.0],
+            perturbed: Some(&[9.0, 0.0, 0.0]),
+        };
+        assert_eq!(MaxLogit.score(outputs), 3.0, "max-logit never perturbs");
+    }
+
+    #[test]
+    fn odin_scores_the_perturbed_logits_and_msp_the_plain_ones() {
+        let (plain, perturbed) = ([2.0f32, 0.0], [4.0f32, 0.0]);
+        let outputs = Outputs {
+            logits: &plain,
+            perturbed: Some(&perturbed),
+        };
+        let at = |method| Scoring {
+            method,
+            temperature: 1.0,
+            epsilon: 0.001,
+        };
+        assert_eq!(
+            at(Method::Odin).score(outputs),
+            max_softmax(&perturbed, 1.0)
+        );
+        assert_eq!(at(Method::Msp).score(outputs), max_softmax(&plain, 1.0));
+        assert!(at(Method::Msp).perturbation().is_none());
+        assert_eq!(at(Method::Msp).effective_epsilon(), 0.0);
+        assert!(at(Method::Odin).perturbation().is_some());
+        let no_step = Scoring {
+            epsilon: 0.0,
+            ..at(Method::Odin)
+        };
+        assert!(
+            no_step.perturbation().is_none(),
+            "ε = 0 needs no gradient run"
+        );
     }
 
     #[test]
     fn methods_parse_from_their_names() {
-        for m in [Method::Msp, Method::MaxLogit, Method::Energy] {
+        for m in [Method::Msp, Method::Odin, Method::MaxLogit, Method::Energy] {
             assert_eq!(m.as_str().parse::<Method>(), Ok(m));
         }
         assert!("odinn".parse::<Method>().unwrap_err().contains("odinn"));
