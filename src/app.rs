@@ -156,6 +156,23 @@ async fn mark_serving(health: &HealthReporter) {
         .await;
 }
 
+/// The model, one engine (with the gradient graph when it can be derived)
+/// and the preprocessor: what the offline subcommands (`calibrate`, `eval`)
+/// run on, without a server.
+pub fn offline_engine(config: &ServeConfig) -> Result<(Model, Engine, Preprocessor), StartError> {
+    let model = Model::load(&config.model)?;
+    let gradient = gradient_graph(&model, config)?;
+    let engine = Engine::load(&model, gradient.as_deref(), &config.engine)?;
+    let preprocessor = Preprocessor::new(&model.card.input);
+    Ok((model, engine, preprocessor))
+}
+
+/// The ODIN gradient graph of `model`, or `None` when it is not available.
+fn gradient_graph(_model: &Model, _config: &ServeConfig) -> Result<Option<Vec<u8>>, StartError> {
+    // Wired to `crate::grad::derive` once the gradient pass lands.
+    Ok(None)
+}
+
 fn load_engines(model: &Model, config: &ServeConfig) -> Result<Vec<Engine>, StartError> {
     let input = &model.card.input;
     let zeros = vec![0.0f32; (input.channels * input.height * input.width) as usize];

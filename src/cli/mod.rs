@@ -1,7 +1,9 @@
 //! The command line: one file per subcommand, each with its own flags.
 //! Flags are parsed here and resolved into `config::ServeConfig`.
 
+pub mod calibrate;
 pub mod detect;
+pub mod eval;
 pub mod info;
 pub mod serve;
 
@@ -47,6 +49,10 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Print what would be served: model, input, provider, scoring.
     Info(info::InfoArgs),
+    /// Fit ODIN's temperature, perturbation and threshold on validation images.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Measure OOD detection (FPR at 95% TPR, AUROC, ...) on ID and OOD sets.
+    Eval(eval::EvalArgs),
 }
 
 /// Runs the parsed command line.
@@ -58,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Detect(args) => runtime.block_on(detect::run(args)),
         Command::Info(args) => runtime.block_on(info::run(args)),
+        Command::Calibrate(args) => runtime.block_on(calibrate::run(args)),
+        Command::Eval(args) => runtime.block_on(eval::run(args)),
     }
 }
 

@@ -1,0 +1,196 @@
+//! Calibration: choose ODIN's (T, ε) by the paper's grid search when
+//! out-of-distribution validation data is given, then set δ so that a chosen
+//! fraction (95%) of in-distribution validation images is kept. The result
+//! is a JSON file `serve --calibration` loads.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{self, threshold_at_tpr};
+use crate::score::Method;
+
+/// The paper's temperature grid.
+pub const TEMPERATURES: [f32; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
+/// The paper's ε grid: 21 values evenly from 0 to 0.004.
+pub fn epsilons() -> Vec<f32> {
+    (0..21).map(|i| i as f32 * 0.0002).collect()
+}
+
+/// A calibration: what `serve --calibration` loads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Scoring method (odin).
+    pub method: String,
+    /// Temperature T.
+    pub temperature: f32,
+    /// Perturbation size ε.
+    pub epsilon: f32,
+    /// Threshold δ: in-distribution iff score ≥ δ.
+    pub threshold: f32,
+    /// The true-positive rate δ was set at.
+    pub tpr: f64,
+    /// The model it was fit for.
+    pub model: String,
+    /// Which images it was fit on.
+    pub fit_on: FitData,
+    /// Metrics on the tuning data at the chosen point (when OOD data was given).
+    pub metrics: Option<PointMetrics>,
+    /// How (T, ε) were chosen.
+    pub selection: String,
+}
+
+/// The images a calibration was fit on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitData {
+    /// In-distribution validation images.
+    pub in_distribution: String,
+    /// Out-of-distribution validation images, if any.
+    pub out_of_distribution: Vec<String>,
+}
+
+/// Metrics at the chosen (T, ε).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PointMetrics {
+    /// FPR at the calibration TPR.
+    pub fpr_at_tpr: f64,
+    /// Detection error.
+    pub detection_error: f64,
+    /// AUROC.
+    pub auroc: f64,
+}
+
+/// Why a calibration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    /// Reading or parsing failed.
+    #[error("calibration file {path}: {detail}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl Calibration {
+    /// Reads a calibration file.
+    pub fn load(path: &Path) -> Result<Calibration, CalibrationError> {
+        let invalid = |detail: String| CalibrationError::Invalid {
+            path: path.display().to_string(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+        let calibration: Calibration =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        calibration.method.parse::<Method>().map_err(invalid)?;
+        if !(calibration.temperature > 0.0
+            && calibration.epsilon >= 0.0
+            && calibration.threshold.is_finite())
+        {
+            return Err(invalid(
+                "temperature must be > 0, epsilon >= 0 and threshold finite".into(),
+            ));
+        }
+        Ok(calibration)
+    }
+
+    /// The scoring method.
+    pub fn method(&self) -> Method {
+        self.method.parse().unwrap_or(Method::Odin)
+    }
+}
+
+/// The (T, ε) of a grid with the lowest FPR at `tpr`, ties to the smaller
+/// T then ε (the cheaper and gentler setting). `grid_id[t][e]` and
+/// `grid_ood[t][e]` hold scores.
+pub fn best_point(
+    grid_id: &[Vec<Vec<f32>>],
+    grid_ood: &[Vec<Vec<f32>>],
+    temperatures: &[f32],
+    epsilons: &[f32],
+    tpr: f64,
+) -> (usize, usize, PointMetrics) {
+    let mut best: Option<(usize, usize, PointMetrics)> = None;
+    for ti in 0..temperatures.len() {
+        for ei in 0..epsilons.len() {
+            let m = metrics::evaluate(&grid_id[ti][ei], &grid_ood[ti][ei], tpr);
+            let point = PointMetrics {
+                fpr_at_tpr: m.fpr_at_tpr,
+                detection_error: m.detection_error,
+                auroc: m.auroc,
+            };
+            if best.is_none_or(|(_, _, b)| point.fpr_at_tpr < b.fpr_at_tpr) {
+                best = Some((ti, ei, point));
+            }
+        }
+    }
+    best.unwrap_or((
+        0,
+        0,
+        PointMetrics {
+            fpr_at_tpr: 1.0,
+            detection_error: 0.5,
+            auroc: 0.5,
+        },
+    ))
+}
+
+/// δ for ID scores at `tpr`, as f32.
+pub fn threshold(id_scores: &[f32], tpr: f64) -> f32 {
+    threshold_at_tpr(id_scores, tpr) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grid_is_the_papers() {
+        let e = epsilons();
+        assert_eq!(e.len(), 21);
+        assert_eq!(e[0], 0.0);
+        assert!((e[20] - 0.004).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_point_with_the_lowest_fpr_wins() {
+        // Two temperatures × two ε; only (1, 1) separates.
+        let id = vec![
+            vec![vec![0.5, 0.6], vec![0.5, 0.6]],
+            vec![vec![0.5, 0.6], vec![0.9, 0.8]],
+        ];
+        let ood = vec![
+            vec![vec![0.7, 0.5], vec![0.7, 0.5]],
+            vec![vec![0.7, 0.5], vec![0.1, 0.2]],
+        ];
+        let (t, e, m) = best_point(&id, &ood, &[1.0, 2.0], &[0.0, 0.1], 0.95);
+        assert_eq!((t, e), (1, 1));
+        assert_eq!(m.fpr_at_tpr, 0.0);
+    }
+
+    #[test]
+    fn a_written_calibration_loads_back() {
+        let c = Calibration {
+            method: "odin".into(),
+            temperature: 1000.0,
+            epsilon: 0.0014,
+            threshold: 0.1012,
+            tpr: 0.95,
+            model: "m".into(),
+            fit_on: FitData {
+                in_distribution: "id".into(),
+                out_of_distribution: vec![],
+            },
+            metrics: None,
+            selection: "defaults".into(),
+        };
+        let path = std::env::temp_dir().join(format!("odin-cal-{}.json", std::process::id()));
+        std::fs::write(&path, serde_json::to_string(&c).expect("json")).expect("write");
+        assert_eq!(Calibration::load(&path).expect("loads"), c);
+        std::fs::write(&path, r#"{"method":"nope"}"#).expect("write");
+        assert!(Calibration::load(&path).is_err());
+        let _ = std::fs::remove_file(&path);
+    }
+}
