@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod loadgen;
 pub mod model;
 pub mod onnx;
 pub mod pipeline;

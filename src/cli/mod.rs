@@ -5,6 +5,7 @@ pub mod calibrate;
 pub mod detect;
 pub mod eval;
 pub mod info;
+pub mod loadgen;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -53,6 +54,8 @@ pub enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Measure OOD detection (FPR at 95% TPR, AUROC, ...) on ID and OOD sets.
     Eval(eval::EvalArgs),
+    /// Load-test a running sidecar and report per-frame latency.
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 /// Runs the parsed command line.
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(args) => runtime.block_on(info::run(args)),
         Command::Calibrate(args) => runtime.block_on(calibrate::run(args)),
         Command::Eval(args) => runtime.block_on(eval::run(args)),
+        Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
     }
 }
 
@@ -115,6 +119,16 @@ pub struct ModelArgs {
     /// Decision threshold δ: in-distribution iff score ≥ δ.
     #[arg(long, default_value_t = config::DEFAULT_THRESHOLD, env = "ODIN_THRESHOLD")]
     pub threshold: f32,
+    /// ODIN perturbation size ε in [0, 1] pixel units (odin and energy).
+    #[arg(long, default_value_t = 0.0, env = "ODIN_EPSILON")]
+    pub epsilon: f32,
+    /// A calibration file from `calibrate`: sets method, T, ε and threshold.
+    #[arg(
+        long,
+        env = "ODIN_CALIBRATION",
+        conflicts_with_all = ["method", "temperature", "epsilon", "threshold"]
+    )]
+    pub calibration: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -132,7 +146,7 @@ impl ModelArgs {
             },
         };
         let defaults = ServeConfig::default();
-        Ok(ServeConfig {
+        let mut config = ServeConfig {
             model,
             engine: EngineOptions {
                 device: self.device,
@@ -146,8 +160,18 @@ impl ModelArgs {
             },
             method: self.method,
             temperature: self.temperature,
+            epsilon: self.epsilon,
             threshold: self.threshold,
             ..defaults
-        })
+        };
+        if let Some(path) = &self.calibration {
+            let calibration = crate::calib::calibrate::Calibration::load(path)?;
+            config.method = calibration.method();
+            config.temperature = calibration.temperature;
+            config.epsilon = calibration.epsilon;
+            config.threshold = calibration.threshold;
+            config.threshold_source = path.display().to_string();
+        }
+        Ok(config)
     }
 }

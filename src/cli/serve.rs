@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = DEFAULT_ADDR, env = "ODIN_ADDR")]
     pub addr: SocketAddr,
+    /// Listen on this Unix domain socket instead of TCP (for a sidecar
+    /// sharing a pod or host with its client).
+    #[arg(long, env = "ODIN_UDS")]
+    pub uds: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -24,9 +28,20 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.model.config()?;
     let app = App::build(&config).await?;
-    let listener = TcpListener::bind(args.addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving odin.v1.Detector");
-    app.serve(listener, shutdown_signal()).await?;
+    if let Some(path) = &args.uds {
+        // A socket file left by a previous run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = tokio::net::UnixListener::bind(path)?;
+        tracing::info!(uds = %path.display(), "serving odin.v1.Detector");
+        app.serve_unix(listener, shutdown_signal()).await?;
+        let _ = std::fs::remove_file(path);
+    } else {
+        let listener = TcpListener::bind(args.addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "serving odin.v1.Detector");
+        app.serve(listener, shutdown_signal()).await?;
+    }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
