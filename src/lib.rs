@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod wire;
 pub mod onnx;
+pub mod grad;
 pub mod model;
 pub mod dataset;
 pub mod pipeline;
