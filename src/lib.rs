@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod engine;
+pub mod grad;
 pub mod error;
 pub mod loadgen;
 pub mod model;

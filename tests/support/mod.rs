@@ -1,0 +1,160 @@
+//! Shared by the gradient-pass tests and benchmark: running ONNX models
+//! with ONNX Runtime, a seeded PRNG, and the ResNet data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::Tensor;
+
+/// Builds a CPU session (two intra-op threads: the machine has two cores).
+pub fn session(bytes: &[u8]) -> Session {
+    let env =
+        odin_sidecar::engine::runtime::environment().expect("ONNX Runtime (run scripts/setup.sh)");
+    Session::builder(env)
+        .unwrap()
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .unwrap()
+        .with_intra_threads(2)
+        .unwrap()
+        .commit_from_memory(bytes)
+        .unwrap()
+}
+
+/// Like [`session`] but returns ONNX Runtime's error (e.g. a kernel with no
+/// double implementation).
+pub fn try_session(bytes: &[u8]) -> Result<Session, String> {
+    let env = odin_sidecar::engine::runtime::environment().map_err(|e| e.to_string())?;
+    Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_intra_threads(1)
+        .map_err(|e| e.to_string())?
+        .commit_from_memory(bytes)
+        .map_err(|e| e.to_string())
+}
+
+/// Element types the tests run models in.
+pub trait Float: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static {
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+}
+impl Float for f32 {
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+impl Float for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Runs a session on named inputs; returns every output as f64, in the
+/// session's output order.
+pub fn run<T: Float>(
+    s: &mut Session,
+    x_name: &str,
+    shape: &[i64],
+    x: &[T],
+    extra: &[(&str, f32)],
+) -> Vec<Vec<f64>> {
+    let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![(
+        x_name.to_string(),
+        Tensor::from_array((shape.to_vec(), x.to_vec()))
+            .unwrap()
+            .into_dyn()
+            .into(),
+    )];
+    for (name, v) in extra {
+        inputs.push((
+            name.to_string(),
+            Tensor::from_array((Vec::<i64>::new(), vec![*v]))
+                .unwrap()
+                .into_dyn()
+                .into(),
+        ));
+    }
+    let out = s.run(inputs).unwrap();
+    out.iter()
+        .map(|(_, v)| match v.try_extract_tensor::<T>() {
+            Ok((_, d)) => d.iter().map(|x| x.to_f64()).collect(),
+            Err(_) => {
+                let (_, d) = v.try_extract_tensor::<f32>().unwrap();
+                d.iter().map(|&x| f64::from(x)).collect()
+            }
+        })
+        .collect()
+}
+
+/// Index of an output by name.
+pub fn output_index(s: &Session, name: &str) -> usize {
+    s.outputs()
+        .iter()
+        .position(|o| o.name() == name)
+        .unwrap_or_else(|| panic!("no output {name}"))
+}
+
+/// splitmix64: a tiny seeded generator, so test models are reproducible.
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+    /// n values uniform in [-a, a).
+    pub fn vec(&mut self, n: usize, a: f64) -> Vec<f64> {
+        (0..n).map(|_| self.range(-a, a)).collect()
+    }
+}
+
+/// `../shared/data` (or `$ODIN_DATA`).
+pub fn data_dir() -> PathBuf {
+    odin_sidecar::dataset::shared_data_dir()
+}
+
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// NHWC u8 images → normalised NCHW f32, as the reference computed it.
+pub fn normalize(pixels: &[u8], n: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * 3 * h * w];
+    for i in 0..n {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let v = pixels[((i * h + y) * w + x) * 3 + c] as f32 / 255.0;
+                    out[((i * 3 + c) * h + y) * w + x] = (v - MEAN[c]) / STD[c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Little-endian f32 file.
+pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
