@@ -26,6 +26,9 @@ pub enum StartError {
     /// ONNX Runtime or the session.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The configured method needs the gradient graph, which could not be derived.
+    #[error("method needs the ODIN gradient graph, which could not be derived: {0}")]
+    Gradient(String),
     /// Reflection could not index the descriptors.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -66,9 +69,12 @@ impl App {
         let preprocessor = Preprocessor::new(&model.card.input);
         let (engines, model) = {
             let config = config.clone();
-            tokio::task::spawn_blocking(move || load_engines(&model, &config).map(|e| (e, model)))
-                .await
-                .map_err(|e| StartError::Config(format!("engine loader failed: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                let gradient = gradient_graph(&model, &config)?;
+                load_engines(&model, gradient.as_deref(), &config).map(|e| (e, model))
+            })
+            .await
+            .map_err(|e| StartError::Config(format!("engine loader failed: {e}")))??
         };
         let provider = engines[0].provider();
         if config.engine.device == Device::Auto && provider == Provider::Cpu {
@@ -196,20 +202,51 @@ pub fn offline_engine(config: &ServeConfig) -> Result<(Model, Engine, Preprocess
     Ok((model, engine, preprocessor))
 }
 
-/// The ODIN gradient graph of `model`, or `None` when it is not available.
-fn gradient_graph(_model: &Model, _config: &ServeConfig) -> Result<Option<Vec<u8>>, StartError> {
-    // Wired to `crate::grad::derive` once the gradient pass lands.
-    Ok(None)
+/// The ODIN gradient graph of `model`, derived at start-up. A model the
+/// pass cannot differentiate is still served with the methods that need no
+/// perturbation — unless the configured method needs one.
+fn gradient_graph(model: &Model, config: &ServeConfig) -> Result<Option<Vec<u8>>, StartError> {
+    let options = crate::grad::GradOptions {
+        std: model.card.input.std.clone(),
+        raw_gradient: false,
+    };
+    match crate::grad::derive(&model.onnx, &options) {
+        Ok(derived) => {
+            for note in &derived.summary.notes {
+                tracing::info!(%note, "gradient pass");
+            }
+            tracing::info!(
+                nodes_added = derived.summary.nodes_added,
+                "derived the ODIN gradient graph"
+            );
+            Ok(Some(derived.bytes))
+        }
+        Err(e) if config.scoring().perturbation().is_some() => {
+            Err(StartError::Gradient(e.to_string()))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no gradient graph: odin and perturbed energy are unavailable");
+            Ok(None)
+        }
+    }
 }
 
-fn load_engines(model: &Model, config: &ServeConfig) -> Result<Vec<Engine>, StartError> {
+fn load_engines(
+    model: &Model,
+    gradient: Option<&[u8]>,
+    config: &ServeConfig,
+) -> Result<Vec<Engine>, StartError> {
     let input = &model.card.input;
     let zeros = vec![0.0f32; (input.channels * input.height * input.width) as usize];
     (0..config.workers)
         .map(|_| {
-            let mut engine = Engine::load(model, None, &config.engine)?;
-            // Warm-up: the first run allocates and picks kernels.
-            engine.logits(&zeros, 1)?;
+            let mut engine = Engine::load(model, gradient, &config.engine)?;
+            // Warm-up: the first run allocates and picks kernels, for both graphs.
+            let perturbation = engine.can_perturb().then_some(crate::score::Perturbation {
+                temperature: 1000.0,
+                epsilon: 0.0014,
+            });
+            engine.run(&zeros, 1, perturbation)?;
             Ok(engine)
         })
         .collect()
