@@ -42,6 +42,7 @@ pub struct App {
     pipeline: Arc<Pipeline>,
     info: ModelInfo,
     window: usize,
+    max_unary_in_flight: usize,
 }
 
 impl std::fmt::Debug for App {
@@ -100,6 +101,7 @@ impl App {
         let pipeline = Arc::new(Pipeline::new(
             preprocessor,
             batcher,
+            config.decode_threads,
             scoring,
             model.card.labels.clone(),
         ));
@@ -107,6 +109,7 @@ impl App {
             pipeline,
             info,
             window: config.stream_window,
+            max_unary_in_flight: config.max_unary_in_flight,
         })
     }
 
@@ -165,9 +168,13 @@ impl App {
             |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-        let detector =
-            DetectorServer::new(DetectorService::new(self.pipeline, self.info, self.window))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let detector = DetectorServer::new(DetectorService::new(
+            self.pipeline,
+            self.info,
+            self.window,
+            self.max_unary_in_flight,
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         // The model is loaded and warmed up before we get here, so SERVING is true from the first request.
         mark_serving(&health).await;
         Server::builder()

@@ -20,6 +20,9 @@ pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::ZERO;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 /// Engine worker threads (one ONNX Runtime session each).
 pub const DEFAULT_WORKERS: usize = 1;
+/// Concurrent decodes: JPEG/PNG decoding of camera frames is cheap next to
+/// the model, so a couple of threads keep up with the engine.
+pub const DEFAULT_DECODE_THREADS: usize = 2;
 /// Decision threshold used when none is configured. Uncalibrated: run
 /// `calibrate` for a threshold at a chosen true-positive rate.
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
@@ -58,6 +61,11 @@ pub struct ServeConfig {
     pub bounds: OverrideBounds,
     /// Frames one stream may have in flight.
     pub stream_window: usize,
+    /// Concurrent decodes (the bounded decode pool).
+    pub decode_threads: usize,
+    /// Unary calls in flight beyond which `DetectOne` answers
+    /// RESOURCE_EXHAUSTED (0 = no limit: unary callers then wait in the queue).
+    pub max_unary_in_flight: usize,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +89,8 @@ impl Default for ServeConfig {
             threshold_source: "flag".into(),
             bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
+            decode_threads: DEFAULT_DECODE_THREADS,
+            max_unary_in_flight: 0,
         }
     }
 }

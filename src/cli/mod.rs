@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand, each with its own flags.
 //! Flags are parsed here and resolved into `config::ServeConfig`.
 
+pub mod bench;
 pub mod calibrate;
 pub mod detect;
 pub mod eval;
@@ -56,6 +57,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Load-test a running sidecar and report per-frame latency.
     Loadgen(loadgen::LoadgenArgs),
+    /// Print benchmark tables (engine speed, serving throughput).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calibrate(args) => runtime.block_on(calibrate::run(args)),
         Command::Eval(args) => runtime.block_on(eval::run(args)),
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }
 
@@ -107,6 +111,12 @@ pub struct ModelArgs {
     /// Most frames per engine run.
     #[arg(long, default_value_t = config::DEFAULT_MAX_BATCH, env = "ODIN_MAX_BATCH")]
     pub max_batch: usize,
+    /// Concurrent JPEG/PNG decodes (the bounded decode pool).
+    #[arg(long, default_value_t = config::DEFAULT_DECODE_THREADS, env = "ODIN_DECODE_THREADS")]
+    pub decode_threads: usize,
+    /// DetectOne calls in flight beyond which new ones get RESOURCE_EXHAUSTED (0 = no limit).
+    #[arg(long, default_value_t = 0, env = "ODIN_MAX_UNARY_IN_FLIGHT")]
+    pub max_unary_in_flight: usize,
     /// Longest a frame waits for a batch to fill, in milliseconds.
     #[arg(long, default_value_t = 0.0, env = "ODIN_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: f64,
@@ -162,6 +172,8 @@ impl ModelArgs {
             temperature: self.temperature,
             epsilon: self.epsilon,
             threshold: self.threshold,
+            decode_threads: self.decode_threads,
+            max_unary_in_flight: self.max_unary_in_flight,
             ..defaults
         };
         if let Some(path) = &self.calibration {

@@ -8,8 +8,11 @@ pub mod batch;
 pub mod decode;
 pub mod order;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 use crate::error::FrameError;
 use crate::score::{self, Outputs, Scoring};
@@ -45,9 +48,13 @@ pub struct OverrideBounds {
 /// Everything needed to judge frames. Shared by all streams.
 pub struct Pipeline {
     preprocessor: Preprocessor,
+    // Bounds concurrent decodes: decoding runs on tokio's blocking pool, which
+    // would otherwise grow a thread per waiting frame.
+    decoders: Arc<Semaphore>,
     batcher: Batcher,
     options: ScoringOptions,
     labels: Vec<String>,
+    in_flight: AtomicUsize,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -63,15 +70,23 @@ impl Pipeline {
     pub fn new(
         preprocessor: Preprocessor,
         batcher: Batcher,
+        decode_threads: usize,
         options: ScoringOptions,
         labels: Vec<String>,
     ) -> Pipeline {
         Pipeline {
             preprocessor,
+            decoders: Arc::new(Semaphore::new(decode_threads.max(1))),
             batcher,
             options,
             labels,
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Frames received and not yet answered, over all streams and calls.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// The scoring settings in force.
@@ -136,6 +151,7 @@ impl Pipeline {
     /// Judges one frame. Never fails: a bad frame gets an error verdict.
     pub async fn judge(self: Arc<Self>, frame: Frame) -> Verdict {
         let arrived = Instant::now();
+        let _counted = InFlight::enter(&self.in_flight);
         let Frame {
             frame_id,
             image,
@@ -176,10 +192,17 @@ impl Pipeline {
         verdict.threshold = threshold;
         // Decoding can take milliseconds for large JPEGs: keep it off the
         // async runtime's threads.
-        let this = Arc::clone(self);
-        let input = tokio::task::spawn_blocking(move || this.preprocessor.tensor(image.as_ref()))
+        let permit = Arc::clone(&self.decoders)
+            .acquire_owned()
             .await
-            .map_err(|e| FrameError::Engine(format!("decode task failed: {e}")))??;
+            .map_err(|_| FrameError::Unavailable)?;
+        let this = Arc::clone(self);
+        let input = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            this.preprocessor.tensor(image.as_ref())
+        })
+        .await
+        .map_err(|e| FrameError::Engine(format!("decode task failed: {e}")))??;
         let decoded = arrived.elapsed();
         let inference = self.batcher.infer(input, scoring.perturbation()).await?;
         self.score(&inference, scoring, verdict);
@@ -203,6 +226,23 @@ impl Pipeline {
         verdict.predicted_class = class as i32;
         verdict.label = self.labels.get(class).cloned().unwrap_or_default();
         verdict.max_softmax = score::max_softmax(logits, 1.0);
+    }
+}
+
+/// Counts a frame as in flight until dropped (also when its future is
+/// cancelled mid-way).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -16,16 +16,26 @@ pub struct DetectorService {
     pipeline: Arc<Pipeline>,
     info: Arc<ModelInfo>,
     window: usize,
+    // Admission control for unary calls; `None` admits everything (callers
+    // then wait for room in the engine queue, like streams do).
+    unary_slots: Option<Arc<Semaphore>>,
 }
 
 impl DetectorService {
     /// A service judging frames with `pipeline`, describing itself with
     /// `info`, allowing `window` frames in flight per stream.
-    pub fn new(pipeline: Arc<Pipeline>, info: ModelInfo, window: usize) -> DetectorService {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        info: ModelInfo,
+        window: usize,
+        max_unary_in_flight: usize,
+    ) -> DetectorService {
         DetectorService {
             pipeline,
             info: Arc::new(info),
             window,
+            unary_slots: (max_unary_in_flight > 0)
+                .then(|| Arc::new(Semaphore::new(max_unary_in_flight))),
         }
     }
 }
@@ -50,6 +60,14 @@ impl Detector for DetectorService {
     }
 
     async fn detect_one(&self, request: Request<Frame>) -> Result<Response<Verdict>, Status> {
+        let _slot = match &self.unary_slots {
+            Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(
+                    "too many DetectOne calls in flight; retry with backoff or use Detect streams",
+                )
+            })?),
+            None => None,
+        };
         let verdict = Arc::clone(&self.pipeline).judge(request.into_inner()).await;
         Ok(Response::new(verdict))
     }

@@ -52,6 +52,7 @@ pub fn tin_crop() -> RawSet {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub app_info: odin_sidecar::wire::ModelInfo,
+    pub pipeline: std::sync::Arc<odin_sidecar::pipeline::Pipeline>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -59,6 +60,7 @@ impl TestServer {
     pub async fn start(config: ServeConfig) -> TestServer {
         let app = App::build(&config).await.expect("sidecar builds");
         let app_info = app.info().clone();
+        let pipeline = app.pipeline();
         // Bind before spawning, so the port is ready when we return.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -74,6 +76,7 @@ impl TestServer {
         TestServer {
             addr,
             app_info,
+            pipeline,
             stop: Some(stop),
         }
     }
