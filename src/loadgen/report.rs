@@ -16,6 +16,9 @@ use crate::wire::Verdict;
 pub struct Stats {
     /// Latency of measured frames, in microseconds.
     pub latency: Histogram<u64>,
+    /// Engine time of the batch that carried each measured frame, in
+    /// microseconds, as the verdicts report it.
+    pub compute: Histogram<u64>,
     /// Answers of any kind (warm-up included).
     pub answered: u64,
     /// Measured answers (after warm-up).
@@ -35,6 +38,8 @@ impl Default for Stats {
         Stats {
             // 1 µs .. 10 min, 3 significant digits.
             latency: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            compute: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             answered: 0,
             measured: 0,
@@ -59,8 +64,15 @@ impl Stats {
         match answer {
             Ok(v) => match &v.error {
                 Some(e) => *self.errors.entry(e.reason.clone()).or_default() += 1,
-                None if measured && v.in_distribution => self.in_distribution += 1,
-                None if measured => self.out_of_distribution += 1,
+                None if measured => {
+                    if v.in_distribution {
+                        self.in_distribution += 1;
+                    } else {
+                        self.out_of_distribution += 1;
+                    }
+                    let compute = v.timings.map_or(0, |t| t.inference_us);
+                    let _ = self.compute.record(compute.clamp(1, 600_000_000));
+                }
                 None => {}
             },
             Err(status) => {
