@@ -2,6 +2,7 @@
 //! Flags are parsed here and resolved into `config::ServeConfig`.
 
 pub mod detect;
+pub mod export_grad;
 pub mod info;
 pub mod serve;
 
@@ -47,6 +48,8 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Print what would be served: model, input, provider, scoring.
     Info(info::InfoArgs),
+    /// Derive the ODIN perturbation graph (standard ONNX ops) of a classifier.
+    ExportGrad(export_grad::ExportGradArgs),
 }
 
 /// Runs the parsed command line.
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Detect(args) => runtime.block_on(detect::run(args)),
         Command::Info(args) => runtime.block_on(info::run(args)),
+        Command::ExportGrad(args) => runtime.block_on(export_grad::run(args)),
     }
 }
 
