@@ -494,6 +494,59 @@ fn conv_groups_dilations_asymmetric_pads() {
 }
 
 #[test]
+fn conv_stride1_grouped_dilated() {
+    // Stride 1: the adjoint is a flipped-kernel Conv with regrouped weights.
+    check_case(
+        Case::new("conv_s1_groups", &[2, 4, 7, 6], |_| {
+            vec![n(
+                "Conv",
+                &["x", "w", "b"],
+                &["f"],
+                vec![
+                    ai("group", 2),
+                    ais("dilations", &[1, 2]),
+                    ais("pads", &[1, 2, 0, 1]),
+                ],
+            )]
+        })
+        .w("w", &[6, 2, 3, 3], 0.5)
+        .w("b", &[6], 0.5),
+    );
+}
+
+#[test]
+fn conv_stride1_depthwise_same_lower() {
+    check_case(
+        Case::new("conv_s1_dw", &[2, 3, 6, 5], |_| {
+            vec![n(
+                "Conv",
+                &["x", "w"],
+                &["f"],
+                vec![ai("group", 3), as_("auto_pad", "SAME_LOWER")],
+            )]
+        })
+        .w("w", &[3, 1, 2, 3], 0.5),
+    );
+}
+
+#[test]
+fn conv_stride1_pad_wider_than_kernel() {
+    // pads > d·(k−1): the flipped Conv would need negative pads, so the
+    // ConvTranspose form is used.
+    check_case(
+        Case::new("conv_s1_bigpad", &[2, 3, 5, 5], |_| {
+            vec![n(
+                "Conv",
+                &["x", "w"],
+                &["f"],
+                vec![ais("pads", &[3, 1, 2, 3])],
+            )]
+        })
+        .w("w", &[2, 3, 3, 3], 0.5),
+    );
+}
+
+#[test]
 fn conv_depthwise_same_upper() {
     check_case(
         Case::new("conv_dw", &[2, 3, 7, 8], |_| {
