@@ -1298,3 +1298,48 @@ fn images_in_a_batch_do_not_mix() {
     );
     assert_eq!(&both[gi][..108], &one[gi][..]);
 }
+
+#[test]
+fn uncovered_ops_are_listed_even_when_onnx_runtime_cannot_run_them() {
+    // A custom-domain op stops the probe run; the error still lists every
+    // uncovered node, not ONNX Runtime's complaint about the first one.
+    let case = Case::new("custom", &[2, 3, 4], |_| {
+        let mut custom = n("Frobnicate", &["x"], &["c"], vec![]);
+        custom.domain = Some("com.example".into());
+        vec![
+            custom,
+            n("Sin", &["c"], &["s"], vec![]),
+            n("Shape", &["s"], &["sh"], vec![]),
+            n("Relu", &["s"], &["f"], vec![]),
+        ]
+    });
+    let x = input(&case);
+    let dt = DataType::Float as i32;
+    // `build` runs the body to size the head; this body cannot run, so
+    // write the model with a fixed head by hand.
+    let mut nodes = (case.nodes)(dt);
+    nodes.push(n("Flatten", &["f"], &["flat"], vec![ai("axis", 1)]));
+    nodes.push(n("MatMul", &["flat", "head_w"], &["z"], vec![]));
+    let head = float_init("head_w", dt, &[12, CLASSES], &vec![0.1; 60]);
+    let mut m = ModelProto::decode(model(&case, dt, nodes, vec![head], "z").as_slice()).unwrap();
+    m.opset_import.push(OperatorSetIdProto {
+        domain: Some("com.example".into()),
+        version: Some(3),
+    });
+    let _ = x;
+    let err = derive(
+        &m.encode_to_vec(),
+        &GradOptions {
+            std: vec![1.0],
+            raw_gradient: false,
+        },
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    let GradError::Unsupported(nodes) = err else {
+        panic!("expected Unsupported, got {msg}")
+    };
+    let ops: Vec<&str> = nodes.iter().map(|u| u.op.as_str()).collect();
+    assert_eq!(ops, ["com.example.Frobnicate", "Sin"], "{msg}");
+    assert!(msg.contains("opset 3"), "{msg}");
+}
