@@ -46,6 +46,7 @@ fn resnet20_matches_the_pytorch_reference() {
         output_index(&g, "gradient"),
     );
     let mut below: Vec<f64> = vec![];
+    let mut diffs: Vec<f64> = vec![];
     let (mut worst_cos, mut flips, mut counted, mut within, mut total, mut worst_score) =
         (1.0f64, 0usize, 0usize, 0usize, 0usize, 0.0f64);
     for set in SETS {
@@ -124,6 +125,7 @@ fn resnet20_matches_the_pytorch_reference() {
                 let score = max_softmax(&z2[0][i * 10..(i + 1) * 10], f64::from(T));
                 let d = (score - f64::from(ref_score[b0 + i])).abs();
                 worst_score = worst_score.max(d);
+                diffs.push(d);
                 if d <= 2e-6 {
                     set_within += 1;
                 }
@@ -145,6 +147,13 @@ fn resnet20_matches_the_pytorch_reference() {
         "images with cosine >= 0.9999: {}/{total}",
         total - below.len()
     );
+    diffs.sort_by(f64::total_cmp);
+    eprintln!(
+        "|Δscore|: median {:.1e}, 99th percentile {:.1e}, max {:.1e}",
+        diffs[diffs.len() / 2],
+        diffs[diffs.len() * 99 / 100],
+        diffs[diffs.len() - 1]
+    );
     assert!(
         below.len() as f64 <= 0.01 * total as f64,
         "{} images below cosine 0.9999",
@@ -160,4 +169,86 @@ fn resnet20_matches_the_pytorch_reference() {
         within as f64 >= 0.99 * total as f64,
         "{within}/{total} scores within 2e-6"
     );
+}
+
+#[test]
+fn resnet56_gradient_matches_finite_differences() {
+    let (plain, g_bytes) = derived("resnet56_cifar10.onnx");
+    let mut g = session(&g_bytes);
+    let mut f = session(&plain);
+    let dir = data_dir().join("reference/resnet20/cifar10");
+    let pixels = std::fs::read(dir.join("images.u8")).unwrap();
+    let per = 3 * 32 * 32;
+    let x = normalize(&pixels[..2 * per], 2, 32, 32);
+    // T = 10 keeps softmax(z/T) away from saturation, so the loss and its
+    // gradient are large next to float32 rounding of the logits (at T = 1
+    // these confident images have |g| ~ 1e-5, the size of the differences'
+    // rounding error). The graph takes T as an input.
+    let t = 10.0f32;
+    let out = run(
+        &mut g,
+        "input",
+        &[2, 3, 32, 32],
+        &x,
+        &[("temperature", t), ("epsilon", EPS)],
+    );
+    let grad = &out[output_index(&g, "gradient")];
+    let z = &out[output_index(&g, "logits")];
+    let yhat: Vec<usize> = z
+        .chunks(10)
+        .map(|zi| (0..10).fold(0, |b, i| if zi[i] > zi[b] { i } else { b }))
+        .collect();
+    let loss = |f: &mut ort::session::Session, x: &[f32]| -> f64 {
+        let zs = run(f, "input", &[2, 3, 32, 32], x, &[]);
+        zs[0]
+            .chunks(10)
+            .zip(&yhat)
+            .map(|(zi, &y)| {
+                let m = zi.iter().cloned().fold(f64::MIN, f64::max);
+                zi.iter()
+                    .map(|v| ((v - m) / f64::from(t)).exp())
+                    .sum::<f64>()
+                    .ln()
+                    + m / f64::from(t)
+                    - zi[y] / f64::from(t)
+            })
+            .sum()
+    };
+    // The five largest coordinates of each image, and three random
+    // directions (g·v sums many coordinates: a large, robust signal).
+    let mut coords: Vec<usize> = (0..grad.len()).collect();
+    coords.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+    let mut checked = 0;
+    for &c in coords.iter().take(10) {
+        let h = 1e-4f32;
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp[c] += h;
+        xm[c] -= h;
+        // The step actually taken: x ± h rounds in float32.
+        let step = f64::from(xp[c]) - f64::from(xm[c]);
+        let fd = (loss(&mut f, &xp) - loss(&mut f, &xm)) / step;
+        let rel = (fd - grad[c]).abs() / grad[c].abs();
+        eprintln!(
+            "resnet56 coordinate {c}: gradient {:.6e}, central difference {fd:.6e} (rel {rel:.1e})",
+            grad[c]
+        );
+        assert!(rel < 0.05, "coordinate {c}: {} vs {fd}", grad[c]);
+        checked += 1;
+    }
+    let mut rng = Rng::new(56);
+    for k in 0..3 {
+        let v: Vec<f32> = (0..x.len()).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+        let gv: f64 = grad.iter().zip(&v).map(|(a, b)| a * f64::from(*b)).sum();
+        let h = 1e-4f32;
+        let xp: Vec<f32> = x.iter().zip(&v).map(|(a, b)| a + h * b).collect();
+        let xm: Vec<f32> = x.iter().zip(&v).map(|(a, b)| a - h * b).collect();
+        let fd = (loss(&mut f, &xp) - loss(&mut f, &xm)) / (2.0 * f64::from(h));
+        let rel = (fd - gv).abs() / gv.abs();
+        eprintln!(
+            "resnet56 direction {k}: g·v {gv:.6e}, central difference {fd:.6e} (rel {rel:.1e})"
+        );
+        assert!(rel < 0.02, "direction {k}: {gv} vs {fd}");
+        checked += 1;
+    }
+    assert_eq!(checked, 13);
 }

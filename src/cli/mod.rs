@@ -5,6 +5,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod detect;
 pub mod eval;
+pub mod export_grad;
 pub mod info;
 pub mod loadgen;
 pub mod serve;
@@ -59,6 +60,8 @@ pub enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Print benchmark tables (engine speed, serving throughput).
     Bench(bench::BenchArgs),
+    /// Derive the ODIN perturbation graph (standard ONNX ops) of a classifier.
+    ExportGrad(export_grad::ExportGradArgs),
 }
 
 /// Runs the parsed command line.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => runtime.block_on(eval::run(args)),
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::ExportGrad(args) => runtime.block_on(export_grad::run(args)),
     }
 }
 

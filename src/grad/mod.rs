@@ -235,7 +235,22 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
             "the logits {z:?} do not depend on the input {x:?}"
         )));
     }
-    let info = graph::probe(&proto, &input, &varying)?;
+    let table = RuleTable::standard();
+    let info = match graph::probe(&proto, &input, &varying) {
+        Ok(info) => info,
+        Err(e) => {
+            // The probe cannot run ops ONNX Runtime lacks (custom domains):
+            // still report every uncovered node, judged without dtypes.
+            let structural = |n: &NodeProto, _: &str| !non_differentiable(n);
+            let (_, on_path) = differentiable_path(graph, &order, &table, &x, &z, &structural);
+            let uncovered = uncovered_nodes(&proto, opset, &table, &on_path);
+            return Err(if uncovered.is_empty() {
+                e
+            } else {
+                GradError::Unsupported(uncovered)
+            });
+        }
+    };
     let fact = |name: &str| -> Result<&TensorInfo, GradError> {
         info.get(name)
             .ok_or_else(|| GradError::Model(format!("no shape known for {name:?}")))
@@ -252,77 +267,40 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
         return Err(GradError::Model(format!("the input {x:?} must be float")));
     }
 
-    // Which tensors carry gradient: floating point, varying with x, and
-    // reached through a differentiable input of their producer.
-    let table = RuleTable::standard();
-    let mut active: HashSet<String> = HashSet::from([x.clone()]);
-    for &i in &order {
-        let node = &graph.node[i];
-        let rule = covered(&table, node)
-            .then(|| table.get(node.op_type()))
-            .flatten();
-        let feeds = node.input.iter().enumerate().any(|(k, t)| {
-            !t.is_empty() && active.contains(t) && rule.is_none_or(|r| (r.differentiable)(k))
-        });
-        if feeds {
-            for o in node.output.iter().filter(|o| !o.is_empty()) {
-                if info.get(o).is_some_and(|f| is_float(f.dtype)) {
-                    active.insert(o.clone());
-                }
-            }
-        }
-    }
-    // The path: active nodes with an output the logits need.
-    let mut needed: HashSet<String> = HashSet::from([z.clone()]);
-    let mut on_path = vec![false; graph.node.len()];
-    for &i in order.iter().rev() {
-        let node = &graph.node[i];
-        if node.output.iter().any(|o| needed.contains(o))
-            && node.output.iter().any(|o| active.contains(o))
-        {
-            on_path[i] = true;
-            for t in node.input.iter().filter(|t| active.contains(*t)) {
-                needed.insert(t.clone());
-            }
-        }
-    }
-    let mut uncovered = vec![];
-    for (i, node) in graph.node.iter().enumerate().filter(|(i, _)| on_path[*i]) {
-        let _ = i;
-        let domain_opset = proto
-            .opset_import
-            .iter()
-            .find(|o| o.domain() == node.domain())
-            .map(|o| o.version())
-            .unwrap_or(opset);
-        match covered(&table, node)
-            .then(|| table.get(node.op_type()))
-            .flatten()
-        {
-            None => uncovered.push(Uncovered {
-                node: node_label(node),
-                op: op_label(node),
-                opset: domain_opset,
-            }),
-            Some(rule) => {
-                for (k, t) in node.input.iter().enumerate() {
-                    if !t.is_empty() && !(rule.differentiable)(k) && active.contains(t) {
-                        return Err(GradError::Rule {
-                            node: node_label(node),
-                            op: node.op_type().into(),
-                            opset,
-                            detail: format!(
-                                "input {k} ({t:?}) depends on the input image, but this rule only \
-                                 differentiates the other inputs"
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-    }
+    let float_output = |_: &NodeProto, o: &str| info.get(o).is_some_and(|f| is_float(f.dtype));
+    let (active, on_path) = differentiable_path(graph, &order, &table, &x, &z, &float_output);
+    let uncovered = uncovered_nodes(&proto, opset, &table, &on_path);
     if !uncovered.is_empty() {
         return Err(GradError::Unsupported(uncovered));
+    }
+    // A covered op reached through an input its rule does not
+    // differentiate would lose a term: refuse rather than guess.
+    for node in graph
+        .node
+        .iter()
+        .zip(&on_path)
+        .filter(|(_, on)| **on)
+        .map(|(n, _)| n)
+    {
+        let Some(rule) = covered(&table, node)
+            .then(|| table.get(node.op_type()))
+            .flatten()
+        else {
+            continue;
+        };
+        for (k, t) in node.input.iter().enumerate() {
+            if !t.is_empty() && !(rule.differentiable)(k) && active.contains(t) {
+                return Err(GradError::Rule {
+                    node: node_label(node),
+                    op: node.op_type().into(),
+                    opset,
+                    detail: format!(
+                        "input {k} ({t:?}) depends on the input image, but this rule only \
+                         differentiates the other inputs"
+                    ),
+                });
+            }
+        }
     }
 
     // Names the derived graph adds must not shadow the model's tensors.
@@ -480,6 +458,103 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
         bytes: proto.encode_to_vec(),
         summary,
     })
+}
+
+/// Which tensors carry gradient (varying with `x`, reached through a
+/// differentiable input of their producer, and accepted by `carries`), and
+/// which nodes lie on a path from `x` to `z` through them.
+fn differentiable_path(
+    graph: &crate::onnx::GraphProto,
+    order: &[usize],
+    table: &RuleTable,
+    x: &str,
+    z: &str,
+    carries: &dyn Fn(&NodeProto, &str) -> bool,
+) -> (HashSet<String>, Vec<bool>) {
+    let mut active: HashSet<String> = HashSet::from([x.to_string()]);
+    for &i in order {
+        let node = &graph.node[i];
+        let rule = covered(table, node)
+            .then(|| table.get(node.op_type()))
+            .flatten();
+        let feeds = node.input.iter().enumerate().any(|(k, t)| {
+            !t.is_empty() && active.contains(t) && rule.is_none_or(|r| (r.differentiable)(k))
+        });
+        if feeds {
+            for o in node.output.iter().filter(|o| !o.is_empty()) {
+                if carries(node, o) {
+                    active.insert(o.clone());
+                }
+            }
+        }
+    }
+    let mut needed: HashSet<String> = HashSet::from([z.to_string()]);
+    let mut on_path = vec![false; graph.node.len()];
+    for &i in order.iter().rev() {
+        let node = &graph.node[i];
+        if node.output.iter().any(|o| needed.contains(o))
+            && node.output.iter().any(|o| active.contains(o))
+        {
+            on_path[i] = true;
+            for t in node.input.iter().filter(|t| active.contains(*t)) {
+                needed.insert(t.clone());
+            }
+        }
+    }
+    (active, on_path)
+}
+
+/// Every node on the path without a rule, in graph order.
+fn uncovered_nodes(
+    proto: &ModelProto,
+    opset: i64,
+    table: &RuleTable,
+    on_path: &[bool],
+) -> Vec<Uncovered> {
+    let Some(graph) = proto.graph.as_ref() else {
+        return vec![];
+    };
+    graph
+        .node
+        .iter()
+        .zip(on_path)
+        .filter(|(node, on)| **on && !covered(table, node))
+        .map(|(node, _)| Uncovered {
+            node: node_label(node),
+            op: op_label(node),
+            opset: proto
+                .opset_import
+                .iter()
+                .find(|o| o.domain() == node.domain())
+                .map(|o| o.version())
+                .unwrap_or(opset),
+        })
+        .collect()
+}
+
+/// Ops whose outputs never carry gradient (integer or boolean results),
+/// for judging coverage when dtypes are unknown.
+fn non_differentiable(node: &NodeProto) -> bool {
+    matches!(node.domain(), "" | "ai.onnx")
+        && matches!(
+            node.op_type(),
+            "Shape"
+                | "Size"
+                | "ArgMax"
+                | "ArgMin"
+                | "Equal"
+                | "Greater"
+                | "GreaterOrEqual"
+                | "Less"
+                | "LessOrEqual"
+                | "Not"
+                | "And"
+                | "Or"
+                | "Xor"
+                | "NonZero"
+                | "IsNaN"
+                | "IsInf"
+        )
 }
 
 /// Whether `node` is in the default domain, where the rule table applies.

@@ -40,9 +40,77 @@ fn conv(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
     )?;
     let group = ad.attrs().int("group", 1)?;
     let dy = ad.dy(0)?;
-    let dx = ad.spread(&dy, w, group, &geo, vec![])?;
+    let dx = match flipped_pads(&geo) {
+        Some(pads) => {
+            let wf = flipped_weights(ad, w, group)?;
+            ad.op(
+                "Conv",
+                &[&dy, &wf],
+                vec![
+                    attrs::ints("pads", &pads),
+                    attrs::ints("dilations", &geo.dilations),
+                    attrs::ints("kernel_shape", &geo.kernel),
+                    attrs::int("group", group),
+                ],
+            )
+        }
+        None => ad.spread(&dy, w, group, &geo, vec![])?,
+    };
     ad.give(0, dx);
     Ok(())
+}
+
+/// For a stride-1 convolution, the adjoint is itself a convolution with
+/// the kernel flipped and pads d·(k−1) − p; measured faster than
+/// ConvTranspose on ONNX Runtime CPU. `None` when strided or when a pad
+/// exceeds d·(k−1) (the adjoint would need negative pads).
+fn flipped_pads(geo: &Geometry) -> Option<Vec<i64>> {
+    if geo.strides.iter().any(|&s| s != 1) {
+        return None;
+    }
+    let n = geo.input.len();
+    let reach = |i: usize| geo.dilations[i] * (geo.kernel[i] - 1);
+    let mut pads: Vec<i64> = (0..n).map(|i| reach(i) - geo.pads_begin[i]).collect();
+    pads.extend((0..n).map(|i| reach(i) - geo.pads_end[i]));
+    pads.iter().all(|&p| p >= 0).then_some(pads)
+}
+
+/// W[M, C/g, k…] → W'[C, M/g, k…] with the spatial axes reversed, emitted
+/// as ops on the constant weight, which ONNX Runtime folds when it loads
+/// the graph (the file holds one copy of the weights).
+fn flipped_weights(ad: &mut Adjoint<'_>, w: &str, group: i64) -> Result<String, GradError> {
+    let ws = ad.shape(w)?.to_vec();
+    let (m, cg) = (ws[0], ws[1]);
+    let spatial = ws.len() - 2;
+    let k = &ws[2..];
+    let swapped = if group == 1 {
+        let mut perm: Vec<i64> = vec![1, 0];
+        perm.extend(2..ws.len() as i64);
+        ad.op("Transpose", &[w], vec![attrs::ints("perm", &perm)])
+    } else if cg == 1 && m == group {
+        // Depthwise: W is already [C, 1, k…].
+        w.to_string()
+    } else {
+        let mut grouped = vec![group, m / group, cg];
+        grouped.extend(k);
+        let gshape = ad.ints(&grouped);
+        let r = ad.op("Reshape", &[w, &gshape], vec![]);
+        let mut perm: Vec<i64> = vec![0, 2, 1];
+        perm.extend(3..3 + spatial as i64);
+        let t = ad.op("Transpose", &[&r], vec![attrs::ints("perm", &perm)]);
+        let mut out = vec![group * cg, m / group];
+        out.extend(k);
+        let oshape = ad.ints(&out);
+        ad.op("Reshape", &[&t, &oshape], vec![])
+    };
+    let axes: Vec<i64> = (2..ws.len() as i64).collect();
+    let (st, en, ax, sp) = (
+        ad.ints(&vec![-1; spatial]),
+        ad.ints(&vec![i64::MIN; spatial]),
+        ad.ints(&axes),
+        ad.ints(&vec![-1; spatial]),
+    );
+    Ok(ad.op("Slice", &[&swapped, &st, &en, &ax, &sp], vec![]))
 }
 
 /// dX = Conv(dY, W) with the forward strides, dilations, pads and group.

@@ -1,0 +1,180 @@
+//! `odin-sidecar export-grad`: derive the ODIN perturbation graph of a
+//! classifier, print what the pass did, check the result runs under ONNX
+//! Runtime and agrees with the model, then write it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use crate::grad::{self, names, GradOptions};
+use crate::model::ModelCard;
+
+/// Flags of `export-grad`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportGradArgs {
+    /// The classifier (ONNX).
+    pub model: PathBuf,
+    /// Where to write the derived graph.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Also output the raw gradient as `gradient`.
+    #[arg(long)]
+    pub raw_gradient: bool,
+    /// Model card whose `input.std` scales ε (default: MODEL with
+    /// extension .card.json, when present).
+    #[arg(long, conflicts_with = "std")]
+    pub card: Option<PathBuf>,
+    /// Per-channel std of the input normalisation, e.g. 0.229,0.224,0.225.
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f32>>,
+}
+
+/// Runs `export-grad`.
+pub async fn run(args: ExportGradArgs) -> anyhow::Result<ExitCode> {
+    let std = match (&args.std, &args.card) {
+        (Some(std), _) => std.clone(),
+        (None, Some(card)) => ModelCard::load(card)?.input.std,
+        (None, None) => {
+            let beside = crate::model::card::path_beside(&args.model);
+            anyhow::ensure!(
+                beside.is_file(),
+                "no std given: pass --std a,b,c or --card CARD.json (no card found at {})",
+                beside.display()
+            );
+            ModelCard::load(&beside)?.input.std
+        }
+    };
+    let bytes = std::fs::read(&args.model)
+        .with_context(|| format!("cannot read {}", args.model.display()))?;
+    let options = GradOptions {
+        std,
+        raw_gradient: args.raw_gradient,
+    };
+    let derived = grad::derive(&bytes, &options)
+        .with_context(|| format!("deriving {}", args.model.display()))?;
+    print!("{}", derived.summary);
+    let diff =
+        check(&bytes, &derived.bytes).context("checking the derived graph with ONNX Runtime")?;
+    println!("check: ONNX Runtime ran it; logits match the model's (max |Δ| = {diff:.1e})");
+    std::fs::write(&args.output, &derived.bytes)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    println!(
+        "wrote {} ({} bytes)",
+        args.output.display(),
+        derived.bytes.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the model and the derived graph once on the same batch-1 input
+/// and returns the largest logit difference; fails when an output is
+/// missing, misshapen or not finite.
+pub fn check(model: &[u8], derived: &[u8]) -> anyhow::Result<f32> {
+    let env = crate::engine::runtime::environment()?;
+    let session =
+        |b: &[u8]| -> anyhow::Result<Session> { Ok(Session::builder(env)?.commit_from_memory(b)?) };
+    let mut plain = session(model)?;
+    let mut g = session(derived)?;
+    let input = plain.inputs().first().context("the model has no input")?;
+    let name = input.name().to_string();
+    let ort::value::ValueType::Tensor { shape, .. } = input.dtype() else {
+        anyhow::bail!("input {name:?} is not a tensor");
+    };
+    let shape: Vec<i64> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if i == 0 || d < 0 { 1 } else { d })
+        .collect();
+    let n = shape.iter().product::<i64>() as usize;
+    // A fixed, non-constant pattern: zeros would give a degenerate check.
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let z = {
+        let out = plain
+            .run(ort::inputs![name.as_str() => Tensor::from_array((shape.clone(), x.clone()))?])?;
+        out[0].try_extract_tensor::<f32>()?.1.to_vec()
+    };
+    let scalar = |v: f32| Tensor::from_array((Vec::<i64>::new(), vec![v]));
+    let out = g.run(ort::inputs![
+        name.as_str() => Tensor::from_array((shape.clone(), x.clone()))?,
+        names::TEMPERATURE => scalar(1000.0)?,
+        names::EPSILON => scalar(0.0014)?,
+    ])?;
+    let logits = out[names::LOGITS].try_extract_tensor::<f32>()?.1.to_vec();
+    let perturbed = out[names::PERTURBED]
+        .try_extract_tensor::<f32>()?
+        .1
+        .to_vec();
+    anyhow::ensure!(
+        logits.len() == z.len(),
+        "logits have {} values, the model gives {}",
+        logits.len(),
+        z.len()
+    );
+    anyhow::ensure!(
+        perturbed.len() == n,
+        "perturbed has {} values, the input {n}",
+        perturbed.len()
+    );
+    anyhow::ensure!(
+        perturbed.iter().chain(&logits).all(|v| v.is_finite()),
+        "non-finite output"
+    );
+    anyhow::ensure!(
+        perturbed != x,
+        "perturbed equals the input: ε had no effect"
+    );
+    Ok(logits
+        .iter()
+        .zip(&z)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ExportGradArgs,
+    }
+
+    #[test]
+    fn std_is_a_comma_list_and_excludes_card() {
+        let w =
+            Wrap::try_parse_from(["x", "m.onnx", "-o", "g.onnx", "--std", "0.5,0.25,2"]).unwrap();
+        assert_eq!(w.args.std, Some(vec![0.5, 0.25, 2.0]));
+        assert!(!w.args.raw_gradient);
+        let e = Wrap::try_parse_from([
+            "x", "m.onnx", "-o", "g.onnx", "--std", "1", "--card", "c.json",
+        ]);
+        assert!(e.is_err());
+        assert!(
+            Wrap::try_parse_from(["x", "m.onnx"]).is_err(),
+            "-o is required"
+        );
+    }
+
+    #[test]
+    fn check_rejects_a_graph_without_the_odin_outputs() {
+        let model = crate::dataset::shared_data_dir().join("models/resnet20_cifar10.onnx");
+        let bytes = std::fs::read(&model).expect("shared data (set ODIN_DATA)");
+        // The plain model has no temperature/epsilon inputs or perturbed output.
+        assert!(check(&bytes, &bytes).is_err());
+        let options = GradOptions {
+            std: vec![0.229, 0.224, 0.225],
+            raw_gradient: false,
+        };
+        let derived = grad::derive(&bytes, &options).unwrap();
+        assert_eq!(check(&bytes, &derived.bytes).unwrap(), 0.0);
+    }
+}
