@@ -11,7 +11,6 @@ use odin_sidecar::calib::calibrate::{epsilons, Calibration, TEMPERATURES};
 use odin_sidecar::calib::metrics;
 use odin_sidecar::cli::{Cli, Command as Sub};
 use odin_sidecar::wire::{frame::Image, Frame, GetModelInfoRequest, ScoringOverride};
-use tokio_stream::StreamExt;
 
 const TUNE: usize = 100;
 
@@ -28,19 +27,12 @@ async fn scores(
             ..Frame::default()
         })
         .collect();
-    let mut client = server.client().await;
-    let mut stream = client
-        .detect(tokio_stream::iter(frames))
-        .await
-        .expect("Detect")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(v) = stream.next().await {
-        let v = v.expect("verdict");
-        assert!(v.error.is_none(), "{:?}", v.error);
-        out.push((v.score, v.in_distribution));
-    }
-    out
+    let verdicts = detect_all(server.client().await, frames).await;
+    assert!(verdicts.iter().all(|v| v.error.is_none()));
+    verdicts
+        .iter()
+        .map(|v| (v.score, v.in_distribution))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

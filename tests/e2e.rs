@@ -19,17 +19,7 @@ fn frame(id: String, image: Image) -> Frame {
 
 /// Streams `frames` on one Detect call and collects every verdict.
 async fn detect_all(server: &TestServer, frames: Vec<Frame>) -> Vec<Verdict> {
-    let mut client = server.client().await;
-    let response = client
-        .detect(tokio_stream::iter(frames))
-        .await
-        .expect("Detect starts");
-    let mut stream = response.into_inner();
-    let mut verdicts = Vec::new();
-    while let Some(v) = stream.next().await {
-        verdicts.push(v.expect("verdict, not a stream error"));
-    }
-    verdicts
+    common::detect_all(server.client().await, frames).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,18 +144,9 @@ async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
                 f
             })
             .collect();
-        let mut client = server.client().await;
+        let client = server.client().await;
         tasks.push(tokio::spawn(async move {
-            let mut stream = client
-                .detect(tokio_stream::iter(frames))
-                .await
-                .expect("starts")
-                .into_inner();
-            let mut got = Vec::new();
-            while let Some(v) = stream.next().await {
-                got.push(v.expect("verdict"));
-            }
-            (s, got)
+            (s, common::detect_all(client, frames).await)
         }));
     }
     for task in tasks {

@@ -11,7 +11,6 @@ mod common;
 use common::*;
 use odin_sidecar::score::Method;
 use odin_sidecar::wire::{frame::Image, Frame, RawImage, ScoringOverride, Verdict};
-use tokio_stream::StreamExt;
 
 const SETS: [&str; 5] = ["cifar10", "tin_crop", "tin_resize", "uniform", "gaussian"];
 
@@ -81,19 +80,14 @@ async fn verdicts(server: &TestServer, images: &[u8]) -> [Vec<Verdict>; 4] {
             });
         }
     }
-    let mut client = server.client().await;
-    let mut stream = client
-        .detect(tokio_stream::iter(frames))
-        .await
-        .expect("Detect")
-        .into_inner();
     let mut out: [Vec<Verdict>; 4] = Default::default();
-    let mut n = 0;
-    while let Some(v) = stream.next().await {
-        let v = v.expect("verdict");
+    for (n, v) in detect_all(server.client().await, frames)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         assert!(v.error.is_none(), "{}: {:?}", v.frame_id, v.error);
         out[n % 4].push(v);
-        n += 1;
     }
     out
 }

@@ -92,19 +92,10 @@ async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
 
     let mut tasks = Vec::new();
     for frames in streams {
-        let mut client = server.client().await;
+        let client = server.client().await;
         tasks.push(tokio::spawn(async move {
             let ids: Vec<String> = frames.iter().map(|f| f.frame_id.clone()).collect();
-            let mut stream = client
-                .detect(tokio_stream::iter(frames))
-                .await
-                .expect("Detect")
-                .into_inner();
-            let mut got = Vec::new();
-            while let Some(v) = stream.next().await {
-                got.push(v.expect("verdict"));
-            }
-            (ids, got)
+            (ids, detect_all(client, frames).await)
         }));
     }
     let mut batched = 0;

@@ -147,3 +147,21 @@ pub fn encode(pixels: &[u8], width: u32, height: u32, format: image::ImageFormat
         .expect("encodes");
     out
 }
+
+/// Streams `frames` on one Detect call of `client` and collects every verdict.
+pub async fn detect_all(
+    mut client: DetectorClient<Channel>,
+    frames: Vec<odin_sidecar::wire::Frame>,
+) -> Vec<odin_sidecar::wire::Verdict> {
+    use tokio_stream::StreamExt;
+    let mut stream = client
+        .detect(tokio_stream::iter(frames))
+        .await
+        .expect("Detect starts")
+        .into_inner();
+    let mut verdicts = Vec::new();
+    while let Some(v) = stream.next().await {
+        verdicts.push(v.expect("a verdict, not a stream error"));
+    }
+    verdicts
+}

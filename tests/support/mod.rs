@@ -100,22 +100,19 @@ pub fn output_index(s: &Session, name: &str) -> usize {
         .unwrap_or_else(|| panic!("no output {name}"))
 }
 
-/// splitmix64: a tiny seeded generator, so test models are reproducible.
-pub struct Rng(u64);
+/// A seeded generator (the crate's SplitMix64), so test models are reproducible.
+pub struct Rng(odin_sidecar::calib::sets::SplitMix64);
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(odin_sidecar::calib::sets::SplitMix64(seed))
     }
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     /// Uniform in [lo, hi).
     pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
