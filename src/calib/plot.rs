@@ -22,7 +22,7 @@ pub fn roc_svg(title: &str, curves: &[Curve]) -> String {
     let x = |fpr: f64| margin + fpr * size;
     let y = |tpr: f64| margin + (1.0 - tpr) * size;
     let mut svg = String::new();
-    let (w, h) = (size + 2.0 * margin + 170.0, size + 2.0 * margin);
+    let (w, h) = (size + 2.0 * margin + 270.0, size + 2.0 * margin);
     let _ = writeln!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
