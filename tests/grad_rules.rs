@@ -321,7 +321,7 @@ fn logits<T: Float>(s: &mut ort::session::Session, case: &Case, xs: &[Vec<f64>])
                         mixes_batch: false,
                         ..case.clone_shape()
                     },
-                    &[x.clone()],
+                    std::slice::from_ref(x),
                 )
                 .remove(0)
             })
@@ -401,9 +401,9 @@ fn check_case(case: Case) -> (&'static str, f64) {
         case.name
     );
     let base = if f64_mode {
-        logits::<f64>(&mut f_sess, &case, &[x.clone()])
+        logits::<f64>(&mut f_sess, &case, std::slice::from_ref(&x))
     } else {
-        logits::<f32>(&mut f_sess, &case, &[x.clone()])
+        logits::<f32>(&mut f_sess, &case, std::slice::from_ref(&x))
     };
     let yhat = argmax(&base[0]);
     let mut rng = Rng::new(7);

@@ -12,6 +12,8 @@
 //! differentiable path → coverage check (one error for every uncovered
 //! node) → seed ∂L/∂z → reverse sweep → ODIN outputs → encode.
 
+#![warn(missing_docs)]
+
 pub mod attrs;
 pub mod emit;
 pub mod graph;
@@ -615,3 +617,6 @@ fn value_info(name: &str, dtype: i32, dims: &[Option<i64>]) -> ValueInfoProto {
 fn scalar_input(name: &str) -> ValueInfoProto {
     value_info(name, DataType::Float as i32, &[])
 }
+
+#[cfg(test)]
+mod tests;
