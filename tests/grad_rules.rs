@@ -846,6 +846,79 @@ fn max_pool_ceil_mode_dilated() {
     );
 }
 
+#[test]
+fn max_pool_opset13_disjoint_windows_use_max_unpool() {
+    check_case(
+        Case::new("maxpool13", &[2, 3, 6, 7], |_| {
+            vec![n(
+                "MaxPool",
+                &["x"],
+                &["f"],
+                vec![ais("kernel_shape", &[2, 2]), ais("strides", &[2, 3])],
+            )]
+        })
+        .distinct()
+        .opset(13),
+    );
+}
+
+#[test]
+fn max_pool_opset13_overlapping_windows_are_refused() {
+    let case = Case::new("maxpool13o", &[2, 3, 6, 7], |_| {
+        vec![n(
+            "MaxPool",
+            &["x"],
+            &["f"],
+            vec![ais("kernel_shape", &[3, 3]), ais("strides", &[2, 2])],
+        )]
+    })
+    .opset(13);
+    let e = derive_case(
+        &case,
+        DataType::Float as i32,
+        &GradOptions {
+            std: vec![1.0],
+            raw_gradient: false,
+        },
+    )
+    .expect_err("needs opset 16")
+    .to_string();
+    assert!(
+        e.contains("opset 16") && e.contains("MaxPool, opset 13"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gemm_bias_that_depends_on_x() {
+    // C = x itself (broadcast-free) and a row-broadcast C = mean over features.
+    check_case(
+        Case::new("gemm_c", &[2, 4], |_| {
+            vec![
+                n(
+                    "ReduceMean",
+                    &["x"],
+                    &["m"],
+                    vec![ais("axes", &[1]), ai("keepdims", 1)],
+                ),
+                n(
+                    "Gemm",
+                    &["x", "w", "x"],
+                    &["g1"],
+                    vec![ai("transB", 1), af("beta", 0.6)],
+                ),
+                n(
+                    "Gemm",
+                    &["g1", "w", "m"],
+                    &["f"],
+                    vec![af("alpha", 0.9), af("beta", -1.5)],
+                ),
+            ]
+        })
+        .w("w", &[4, 4], 0.7),
+    );
+}
+
 fn avg(name: &'static str, include_pad: i64, ceil: i64) -> Case {
     // H = 8 makes ceil_mode add a last, truncated window; no window starts
     // inside the padding (where ONNX shape inference and kernels differ).
