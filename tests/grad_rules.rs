@@ -1416,3 +1416,49 @@ fn uncovered_ops_are_listed_even_when_onnx_runtime_cannot_run_them() {
     assert_eq!(ops, ["com.example.Frobnicate", "Sin"], "{msg}");
     assert!(msg.contains("opset 3"), "{msg}");
 }
+
+#[test]
+fn a_fixed_batch_size_is_kept() {
+    // Exports often pin the batch to 1; the derived graph keeps that size.
+    let case = Case::new("fixed", &[1, 3, 5, 5], |_| {
+        vec![
+            n(
+                "Conv",
+                &["x", "w"],
+                &["c"],
+                vec![ais("pads", &[1, 1, 1, 1]), ais("strides", &[2, 2])],
+            ),
+            n("Relu", &["c"], &["f"], vec![]),
+        ]
+    })
+    .w("w", &[2, 3, 3, 3], 0.5);
+    let x = input(&case);
+    let dt = DataType::Float as i32;
+    let plain = build(&case, dt, &x).unwrap();
+    let mut m = ModelProto::decode(plain.as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.input[0].r#type = Some(tensor_type(dt, &[Some(1), Some(3), Some(5), Some(5)]));
+    let pinned = m.encode_to_vec();
+    let opts = GradOptions {
+        std: vec![1.0],
+        raw_gradient: true,
+    };
+    let a = derive(&plain, &opts).unwrap();
+    let b = derive(&pinned, &opts).unwrap();
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let grad = |bytes: &[u8]| {
+        let mut s = try_session(bytes).unwrap();
+        let gi = output_index(&s, names::GRADIENT);
+        run::<f32>(
+            &mut s,
+            "x",
+            &[1, 3, 5, 5],
+            &xf,
+            &[("temperature", 1.0), ("epsilon", 0.0)],
+        )[gi]
+            .clone()
+    };
+    let (ga, gb) = (grad(&a.bytes), grad(&b.bytes));
+    assert!(ga.iter().any(|v| *v != 0.0));
+    assert_eq!(ga, gb);
+}
