@@ -362,9 +362,14 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
         for o in &node.output {
             outs.push(grads.remove(o).map(|v| sum(&mut em, v)));
         }
-        let rule = *table
-            .get(node.op_type())
-            .ok_or_else(|| GradError::Unsupported(vec![]))?;
+        // Coverage was checked above; this only guards that invariant.
+        let rule = *table.get(node.op_type()).ok_or_else(|| {
+            GradError::Unsupported(vec![Uncovered {
+                node: node_label(node),
+                op: op_label(node),
+                opset,
+            }])
+        })?;
         let mut ad = Adjoint::new(node, opset, &info, &is_active, &mut em, outs);
         (rule.adjoint)(&mut ad)?;
         let in_grads = std::mem::take(&mut ad.in_grads);
