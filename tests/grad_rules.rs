@@ -776,6 +776,36 @@ fn gelu_opset20() {
     check_case(unary("gelu", "Gelu", Vec::new).opset(20));
 }
 
+#[test]
+fn softmax_and_log_softmax_inside_the_network() {
+    check_case(Case::new("softmax_mid", &[2, 3, 4, 5], |_| {
+        vec![
+            n("Softmax", &["x"], &["s"], vec![ai("axis", 2)]),
+            n("LogSoftmax", &["x"], &["l"], vec![ai("axis", -1)]),
+            n("Mul", &["s", "l"], &["f"], vec![]),
+        ]
+    }));
+}
+
+#[test]
+fn neg_exp_log_sqrt() {
+    check_case(
+        Case::new("unary_math", &[2, 3, 4], |_| {
+            vec![
+                n("Mul", &["x", "x"], &["x2"], vec![]),
+                n("Add", &["x2", "one"], &["pos"], vec![]),
+                n("Sqrt", &["pos"], &["r"], vec![]),
+                n("Log", &["pos"], &["lg"], vec![]),
+                n("Neg", &["x"], &["nx"], vec![]),
+                n("Exp", &["nx"], &["e"], vec![]),
+                n("Sum", &["r", "lg", "e", "c"], &["f"], vec![]),
+            ]
+        })
+        .fixed("one", &[], &[1.0])
+        .w("c", &[4], 1.0),
+    );
+}
+
 // ---------------------------------------------------------------- elementwise
 
 #[test]
