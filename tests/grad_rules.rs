@@ -1030,6 +1030,26 @@ fn reduce_mean_and_sum() {
     );
 }
 
+#[test]
+fn reduce_mean_over_the_batch_axis() {
+    // The count depends on the batch size: computed at run time from Size.
+    check_case(
+        Case::new("reduce_batch", &[2, 3, 4], |_| {
+            vec![
+                n(
+                    "ReduceMean",
+                    &["x"],
+                    &["m"],
+                    vec![ais("axes", &[0, 2]), ai("keepdims", 1)],
+                ),
+                n("Sub", &["x", "m"], &["d"], vec![]),
+                n("Mul", &["d", "d"], &["f"], vec![]),
+            ]
+        })
+        .mixes(),
+    );
+}
+
 // ---------------------------------------------------------------- shape ops
 
 #[test]
