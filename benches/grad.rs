@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench grad` (intra-op thread counts: `ODIN_BENCH_THREADS`,
 //! a comma list, default `1,2`; model: `ODIN_BENCH_MODEL`, default
-//! ResNet-20 from the shared data).
+//! ResNet-20 from the shared data; `ODIN_BENCH_SPIN=0` turns off ONNX
+//! Runtime's spinning worker threads).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,10 +28,20 @@ fn session(bytes: &[u8], threads: usize) -> Session {
             .map_err(|x| e(&x))?
             .with_intra_threads(threads)
             .map_err(|x| e(&x))?
+            .with_intra_op_spinning(spinning())
+            .map_err(|x| e(&x))?
             .commit_from_memory(bytes)
             .map_err(|x| e(&x))
     };
     build().expect("session")
+}
+
+/// `ODIN_BENCH_SPIN=0` turns off ONNX Runtime's busy-waiting worker
+/// threads (on a shared machine a spinning thread competes for the CPU).
+fn spinning() -> bool {
+    std::env::var("ODIN_BENCH_SPIN")
+        .map(|v| v != "0")
+        .unwrap_or(true)
 }
 
 fn time_once(s: &mut Session, x: &[f32], batch: usize, odin: bool) -> Duration {
@@ -82,8 +93,9 @@ fn table(plain: &[u8], g: &[u8], pixels: &[u8], threads: usize, path: &std::path
     let mut gs = session(g, threads);
     println!();
     println!(
-        "model {}, ONNX Runtime CPU, {threads} intra-op thread(s), median of interleaved runs",
-        path.display()
+        "model {}, ONNX Runtime CPU, {threads} intra-op thread(s), spinning {}, median of interleaved runs",
+        path.display(),
+        if spinning() { "on" } else { "off" }
     );
     println!();
     println!("| batch | forward (ms) | G (ms) | G / forward | runs |");

@@ -321,7 +321,7 @@ fn logits<T: Float>(s: &mut ort::session::Session, case: &Case, xs: &[Vec<f64>])
                         mixes_batch: false,
                         ..case.clone_shape()
                     },
-                    &[x.clone()],
+                    std::slice::from_ref(x),
                 )
                 .remove(0)
             })
@@ -401,9 +401,9 @@ fn check_case(case: Case) -> (&'static str, f64) {
         case.name
     );
     let base = if f64_mode {
-        logits::<f64>(&mut f_sess, &case, &[x.clone()])
+        logits::<f64>(&mut f_sess, &case, std::slice::from_ref(&x))
     } else {
-        logits::<f32>(&mut f_sess, &case, &[x.clone()])
+        logits::<f32>(&mut f_sess, &case, std::slice::from_ref(&x))
     };
     let yhat = argmax(&base[0]);
     let mut rng = Rng::new(7);
@@ -776,6 +776,36 @@ fn gelu_opset20() {
     check_case(unary("gelu", "Gelu", Vec::new).opset(20));
 }
 
+#[test]
+fn softmax_and_log_softmax_inside_the_network() {
+    check_case(Case::new("softmax_mid", &[2, 3, 4, 5], |_| {
+        vec![
+            n("Softmax", &["x"], &["s"], vec![ai("axis", 2)]),
+            n("LogSoftmax", &["x"], &["l"], vec![ai("axis", -1)]),
+            n("Mul", &["s", "l"], &["f"], vec![]),
+        ]
+    }));
+}
+
+#[test]
+fn neg_exp_log_sqrt() {
+    check_case(
+        Case::new("unary_math", &[2, 3, 4], |_| {
+            vec![
+                n("Mul", &["x", "x"], &["x2"], vec![]),
+                n("Add", &["x2", "one"], &["pos"], vec![]),
+                n("Sqrt", &["pos"], &["r"], vec![]),
+                n("Log", &["pos"], &["lg"], vec![]),
+                n("Neg", &["x"], &["nx"], vec![]),
+                n("Exp", &["nx"], &["e"], vec![]),
+                n("Sum", &["r", "lg", "e", "c"], &["f"], vec![]),
+            ]
+        })
+        .fixed("one", &[], &[1.0])
+        .w("c", &[4], 1.0),
+    );
+}
+
 // ---------------------------------------------------------------- elementwise
 
 #[test]
@@ -843,6 +873,79 @@ fn max_pool_ceil_mode_dilated() {
             )]
         })
         .distinct(),
+    );
+}
+
+#[test]
+fn max_pool_opset13_disjoint_windows_use_max_unpool() {
+    check_case(
+        Case::new("maxpool13", &[2, 3, 6, 7], |_| {
+            vec![n(
+                "MaxPool",
+                &["x"],
+                &["f"],
+                vec![ais("kernel_shape", &[2, 2]), ais("strides", &[2, 3])],
+            )]
+        })
+        .distinct()
+        .opset(13),
+    );
+}
+
+#[test]
+fn max_pool_opset13_overlapping_windows_are_refused() {
+    let case = Case::new("maxpool13o", &[2, 3, 6, 7], |_| {
+        vec![n(
+            "MaxPool",
+            &["x"],
+            &["f"],
+            vec![ais("kernel_shape", &[3, 3]), ais("strides", &[2, 2])],
+        )]
+    })
+    .opset(13);
+    let e = derive_case(
+        &case,
+        DataType::Float as i32,
+        &GradOptions {
+            std: vec![1.0],
+            raw_gradient: false,
+        },
+    )
+    .expect_err("needs opset 16")
+    .to_string();
+    assert!(
+        e.contains("opset 16") && e.contains("MaxPool, opset 13"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gemm_bias_that_depends_on_x() {
+    // C = x itself (broadcast-free) and a row-broadcast C = mean over features.
+    check_case(
+        Case::new("gemm_c", &[2, 4], |_| {
+            vec![
+                n(
+                    "ReduceMean",
+                    &["x"],
+                    &["m"],
+                    vec![ais("axes", &[1]), ai("keepdims", 1)],
+                ),
+                n(
+                    "Gemm",
+                    &["x", "w", "x"],
+                    &["g1"],
+                    vec![ai("transB", 1), af("beta", 0.6)],
+                ),
+                n(
+                    "Gemm",
+                    &["g1", "w", "m"],
+                    &["f"],
+                    vec![af("alpha", 0.9), af("beta", -1.5)],
+                ),
+            ]
+        })
+        .w("w", &[4, 4], 0.7),
     );
 }
 
@@ -924,6 +1027,26 @@ fn reduce_mean_and_sum() {
             ]
         })
         .ints("ax", &[2]),
+    );
+}
+
+#[test]
+fn reduce_mean_over_the_batch_axis() {
+    // The count depends on the batch size: computed at run time from Size.
+    check_case(
+        Case::new("reduce_batch", &[2, 3, 4], |_| {
+            vec![
+                n(
+                    "ReduceMean",
+                    &["x"],
+                    &["m"],
+                    vec![ais("axes", &[0, 2]), ai("keepdims", 1)],
+                ),
+                n("Sub", &["x", "m"], &["d"], vec![]),
+                n("Mul", &["d", "d"], &["f"], vec![]),
+            ]
+        })
+        .mixes(),
     );
 }
 
@@ -1342,4 +1465,50 @@ fn uncovered_ops_are_listed_even_when_onnx_runtime_cannot_run_them() {
     let ops: Vec<&str> = nodes.iter().map(|u| u.op.as_str()).collect();
     assert_eq!(ops, ["com.example.Frobnicate", "Sin"], "{msg}");
     assert!(msg.contains("opset 3"), "{msg}");
+}
+
+#[test]
+fn a_fixed_batch_size_is_kept() {
+    // Exports often pin the batch to 1; the derived graph keeps that size.
+    let case = Case::new("fixed", &[1, 3, 5, 5], |_| {
+        vec![
+            n(
+                "Conv",
+                &["x", "w"],
+                &["c"],
+                vec![ais("pads", &[1, 1, 1, 1]), ais("strides", &[2, 2])],
+            ),
+            n("Relu", &["c"], &["f"], vec![]),
+        ]
+    })
+    .w("w", &[2, 3, 3, 3], 0.5);
+    let x = input(&case);
+    let dt = DataType::Float as i32;
+    let plain = build(&case, dt, &x).unwrap();
+    let mut m = ModelProto::decode(plain.as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.input[0].r#type = Some(tensor_type(dt, &[Some(1), Some(3), Some(5), Some(5)]));
+    let pinned = m.encode_to_vec();
+    let opts = GradOptions {
+        std: vec![1.0],
+        raw_gradient: true,
+    };
+    let a = derive(&plain, &opts).unwrap();
+    let b = derive(&pinned, &opts).unwrap();
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let grad = |bytes: &[u8]| {
+        let mut s = try_session(bytes).unwrap();
+        let gi = output_index(&s, names::GRADIENT);
+        run::<f32>(
+            &mut s,
+            "x",
+            &[1, 3, 5, 5],
+            &xf,
+            &[("temperature", 1.0), ("epsilon", 0.0)],
+        )[gi]
+            .clone()
+    };
+    let (ga, gb) = (grad(&a.bytes), grad(&b.bytes));
+    assert!(ga.iter().any(|v| *v != 0.0));
+    assert_eq!(ga, gb);
 }

@@ -177,4 +177,55 @@ mod tests {
         let derived = grad::derive(&bytes, &options).unwrap();
         assert_eq!(check(&bytes, &derived.bytes).unwrap(), 0.0);
     }
+
+    #[tokio::test]
+    async fn writes_a_checked_graph_with_std_from_the_card() {
+        let model = crate::dataset::shared_data_dir().join("models/resnet20_cifar10.onnx");
+        let out =
+            std::env::temp_dir().join(format!("odin-export-grad-{}.onnx", std::process::id()));
+        let args = ExportGradArgs {
+            model,
+            output: out.clone(),
+            raw_gradient: true,
+            card: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/resnet20_cifar10.card.json"
+            ))),
+            std: None,
+        };
+        assert_eq!(run(args).await.unwrap(), ExitCode::SUCCESS);
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).ok();
+        let m = <crate::onnx::ModelProto as prost::Message>::decode(bytes.as_slice()).unwrap();
+        let outputs: Vec<&str> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .output
+            .iter()
+            .map(|o| o.name())
+            .collect();
+        assert_eq!(outputs, ["logits", "perturbed", "gradient"]);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_model_is_an_error_and_writes_nothing() {
+        let out = std::env::temp_dir().join(format!(
+            "odin-export-grad-missing-{}.onnx",
+            std::process::id()
+        ));
+        let args = ExportGradArgs {
+            model: PathBuf::from("/nonexistent/model.onnx"),
+            output: out.clone(),
+            raw_gradient: false,
+            card: None,
+            std: Some(vec![1.0]),
+        };
+        let e = run(args).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("/nonexistent/model.onnx"),
+            "{e:#}"
+        );
+        assert!(!out.exists());
+    }
 }

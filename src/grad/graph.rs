@@ -167,8 +167,9 @@ fn runtime_error(e: impl std::fmt::Display) -> GradError {
     GradError::Runtime(e.to_string())
 }
 
-/// Runs the model once at batch [`PROBE_BATCH`] on zeros and records every
-/// tensor's dtype, shape and (for constant integer tensors) value.
+/// Runs the model once at batch [`PROBE_BATCH`] (or the input's fixed
+/// batch size) on zeros and records every tensor's dtype, shape and (for
+/// constant integer tensors) value.
 pub fn probe(
     model: &ModelProto,
     input: &ValueInfoProto,
@@ -193,12 +194,14 @@ pub fn probe(
             *d = PROBE_BATCH;
         }
     }
-    if shape.first() != Some(&PROBE_BATCH) {
+    if shape.is_empty() {
         return Err(GradError::Model(format!(
-            "input {:?} must have a dynamic batch axis first (found {dims:?}) so batches can be derived",
+            "input {:?} is a scalar",
             input.name()
         )));
     }
+    // A fixed batch size (common in exports) is probed as it is: the
+    // derived graph then takes that batch size only, like the model.
 
     let mut info: HashMap<String, TensorInfo> = HashMap::new();
     for t in &graph.initializer {

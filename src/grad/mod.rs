@@ -12,6 +12,8 @@
 //! differentiable path → coverage check (one error for every uncovered
 //! node) → seed ∂L/∂z → reverse sweep → ODIN outputs → encode.
 
+#![warn(missing_docs)]
+
 pub mod attrs;
 pub mod emit;
 pub mod graph;
@@ -360,9 +362,14 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
         for o in &node.output {
             outs.push(grads.remove(o).map(|v| sum(&mut em, v)));
         }
-        let rule = *table
-            .get(node.op_type())
-            .ok_or_else(|| GradError::Unsupported(vec![]))?;
+        // Coverage was checked above; this only guards that invariant.
+        let rule = *table.get(node.op_type()).ok_or_else(|| {
+            GradError::Unsupported(vec![Uncovered {
+                node: node_label(node),
+                op: op_label(node),
+                opset,
+            }])
+        })?;
         let mut ad = Adjoint::new(node, opset, &info, &is_active, &mut em, outs);
         (rule.adjoint)(&mut ad)?;
         let in_grads = std::mem::take(&mut ad.in_grads);
@@ -615,3 +622,6 @@ fn value_info(name: &str, dtype: i32, dims: &[Option<i64>]) -> ValueInfoProto {
 fn scalar_input(name: &str) -> ValueInfoProto {
     value_info(name, DataType::Float as i32, &[])
 }
+
+#[cfg(test)]
+mod tests;

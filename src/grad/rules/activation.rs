@@ -20,6 +20,12 @@ pub fn register(t: &mut RuleTable) {
     t.register("Elu", first, elu);
     t.register("Erf", first, erf);
     t.register("Gelu", first, gelu);
+    t.register("Softmax", first, softmax);
+    t.register("LogSoftmax", first, log_softmax);
+    t.register("Neg", first, neg);
+    t.register("Exp", first, exp);
+    t.register("Log", first, log);
+    t.register("Sqrt", first, sqrt);
 }
 
 /// `Cast(op(a, b), to = dtype of a)`: a 0/1 mask in the gradient's dtype.
@@ -217,4 +223,82 @@ fn gelu(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
     let xpdf = ad.op("Mul", &[x, &pdf], vec![]);
     let d = ad.op("Add", &[&cdf, &xpdf], vec![]);
     finish(ad, &d)
+}
+
+/// The (single, opset ≥ 13) axis of a Softmax/LogSoftmax, non-negative.
+fn softmax_axis(ad: &Adjoint<'_>) -> Result<i64, GradError> {
+    let rank = ad.shape(ad.input(0)?)?.len() as i64;
+    let axis = ad.attrs().int("axis", -1)?;
+    Ok(if axis < 0 { axis + rank } else { axis })
+}
+
+/// dX = y ⊙ (dY − Σ_axis dY ⊙ y): softmax's Jacobian applied without
+/// forming it. (A trailing Softmax is skipped before the pass; this is
+/// for one inside the network, as in attention.)
+fn softmax(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let axis = softmax_axis(ad)?;
+    let y = ad.output(0)?;
+    let dy = ad.dy(0)?;
+    let p = ad.op("Mul", &[&dy, y], vec![]);
+    let ax = ad.ints(&[axis]);
+    let s = ad.op(
+        "ReduceSum",
+        &[&p, &ax],
+        vec![crate::grad::attrs::int("keepdims", 1)],
+    );
+    let d = ad.op("Sub", &[&dy, &s], vec![]);
+    let dx = ad.op("Mul", &[y, &d], vec![]);
+    ad.give(0, dx);
+    Ok(())
+}
+
+/// dX = dY − exp(y) ⊙ Σ_axis dY.
+fn log_softmax(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let axis = softmax_axis(ad)?;
+    let y = ad.output(0)?;
+    let dy = ad.dy(0)?;
+    let ax = ad.ints(&[axis]);
+    let s = ad.op(
+        "ReduceSum",
+        &[&dy, &ax],
+        vec![crate::grad::attrs::int("keepdims", 1)],
+    );
+    let e = ad.op("Exp", &[y], vec![]);
+    let es = ad.op("Mul", &[&e, &s], vec![]);
+    let dx = ad.op("Sub", &[&dy, &es], vec![]);
+    ad.give(0, dx);
+    Ok(())
+}
+
+fn neg(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let dy = ad.dy(0)?;
+    let dx = ad.op("Neg", &[&dy], vec![]);
+    ad.give(0, dx);
+    Ok(())
+}
+
+/// exp' = y.
+fn exp(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let y = ad.output(0)?;
+    finish(ad, y)
+}
+
+/// log' = 1/x.
+fn log(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let x = ad.input(0)?;
+    let dy = ad.dy(0)?;
+    let dx = ad.op("Div", &[&dy, x], vec![]);
+    ad.give(0, dx);
+    Ok(())
+}
+
+/// sqrt' = 1/(2y).
+fn sqrt(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let y = ad.output(0)?;
+    let half = ad.scalar(ad.dtype(y)?, 0.5);
+    let dy = ad.dy(0)?;
+    let h = ad.op("Mul", &[&dy, &half], vec![]);
+    let dx = ad.op("Div", &[&h, y], vec![]);
+    ad.give(0, dx);
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! Binary arithmetic with numpy broadcasting: each operand's gradient is
+//! Arithmetic (Add, Sub, Mul, Div, variadic Sum) with numpy broadcasting: each operand's gradient is
 //! summed back over the axes along which it was broadcast.
 
 use super::{all, Adjoint, RuleTable};
@@ -10,6 +10,18 @@ pub fn register(t: &mut RuleTable) {
     t.register("Sub", all, sub);
     t.register("Mul", all, mul);
     t.register("Div", all, div);
+    t.register("Sum", all, sum);
+}
+
+/// Variadic Sum with broadcasting: each operand gets dY summed to its shape.
+fn sum(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
+    let dy = ad.dy(0)?;
+    for i in 0..ad.node.input.len() {
+        if ad.wants(i) {
+            hand_back(ad, i, &dy)?;
+        }
+    }
+    Ok(())
 }
 
 fn hand_back(ad: &mut Adjoint<'_>, i: usize, g: &str) -> Result<(), GradError> {

@@ -17,19 +17,47 @@ pub fn register(t: &mut RuleTable) {
 /// Recomputes the pooling with its Indices output (the forward node is
 /// kept as it is, so ONNX Runtime still fuses it) and scatter-adds dY at
 /// those flat indices: overlapping windows may pick the same element.
+/// Before opset 16, non-overlapping windows use MaxUnpool instead.
 fn max_pool(ad: &mut Adjoint<'_>) -> Result<(), GradError> {
     let a = ad.attrs();
     if a.int("storage_order", 0)? != 0 {
         return Err(a.error("storage_order", "only row-major (0) indices are covered"));
     }
-    if ad.opset < 16 {
-        return Err(ad.error(
-            "MaxPool's adjoint needs ScatterElements with reduction=add (opset 16 or newer)",
-        ));
-    }
     let x = ad.input(0)?;
     let dt = ad.dtype(x)?;
     let outs = ad.op_n("MaxPool", &[x], ad.node.attribute.clone(), 2);
+    if ad.opset < 16 {
+        // No scatter-add before opset 16: MaxUnpool places each gradient at
+        // its index, which is exact only when no two windows overlap.
+        let n = ad.shape(x)?.len().saturating_sub(2);
+        let kernel = a
+            .ints("kernel_shape")?
+            .ok_or_else(|| a.error("kernel_shape", "missing"))?;
+        let strides = a.ints_len("strides", n, 1)?;
+        let dilations = a.ints_len("dilations", n, 1)?;
+        let disjoint = kernel
+            .iter()
+            .zip(&strides)
+            .zip(&dilations)
+            .all(|((k, s), d)| *d == 1 && s >= k);
+        if !disjoint {
+            return Err(ad.error(
+                "overlapping MaxPool windows need ScatterElements with reduction=add (opset 16 or newer)",
+            ));
+        }
+        let dy = ad.dy(0)?;
+        let shape = ad.op("Shape", &[x], vec![]);
+        let dx = ad.op(
+            "MaxUnpool",
+            &[&dy, &outs[1], &shape],
+            vec![
+                attrs::ints("kernel_shape", &kernel),
+                attrs::ints("strides", &strides),
+            ],
+        );
+        ad.give(0, dx);
+        return Ok(());
+    }
     let flat = ad.ints(&[-1]);
     let dy = ad.dy(0)?;
     let g = ad.op("Reshape", &[&dy, &flat], vec![]);
