@@ -444,6 +444,8 @@ def export_and_verify(args, params, state, x_test, y_test, train_info: dict) -> 
                           f"steps -> 0; cross-entropy loss"),
             "augmentation": "random 32x32 crop from 4-px zero-padded image + random horizontal flip (p=0.5)",
             "training_wall_time_s": round(train_info["train_s"], 1),
+            "training_wall_time_note": ("training loop only (excludes JPEG decode, export and evaluation); "
+                                        "depends on CPU load from other processes"),
             "training_hardware": train_info["hardware"],
             "accuracy_cifar10_test_u8": round(acc, 4),
             "accuracy_note": ("measured through onnxruntime 1.32.0 on shared/data/cifar10_test.u8 "

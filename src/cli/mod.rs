@@ -83,10 +83,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Sets up `tracing` output on stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // ONNX Runtime logs every graph transformer at info: keep it at warn
+    // unless RUST_LOG asks for `ort` explicitly.
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let directives = if directives.contains("ort") {
+        directives
+    } else {
+        format!("{directives},ort=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
