@@ -78,11 +78,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Sets up `tracing` output on stderr; `RUST_LOG` filters (default `info`).
+/// With tracing on, lines about a frame sit in an `otel` span carrying its
+/// `trace_id` and `span_id` (see `crate::telemetry::log_span`).
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal: piped into a file or
+        // a log shipper they would corrupt `key=value` fields.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
