@@ -190,10 +190,17 @@ impl Telemetry {
                 provider,
                 tracer,
                 propagator: TraceContextPropagator::new(),
+                // Shared strings: every frame span clones these.
                 model: vec![
-                    KeyValue::new("odin.model.name", model.name.clone()),
-                    KeyValue::new("odin.model.version", model.version.clone()),
-                    KeyValue::new("odin.execution_provider", model.provider.clone()),
+                    KeyValue::new("odin.model.name", Arc::<str>::from(model.name.as_str())),
+                    KeyValue::new(
+                        "odin.model.version",
+                        Arc::<str>::from(model.version.as_str()),
+                    ),
+                    KeyValue::new(
+                        "odin.execution_provider",
+                        Arc::<str>::from(model.provider.as_str()),
+                    ),
                 ],
             }),
         })
@@ -371,7 +378,7 @@ pub fn log_span(name: &'static str, cx: &Context) -> tracing::Span {
     let sc = span.span_context();
     tracing::info_span!(
         "otel",
-        name,
+        otel.name = name,
         trace_id = %sc.trace_id(),
         span_id = %sc.span_id()
     )
@@ -547,6 +554,43 @@ mod tests {
         let b = a + Duration::from_millis(5);
         let d = wall(b).duration_since(wall(a)).expect("ordered");
         assert_eq!(d, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn log_lines_inside_a_frame_carry_its_trace_and_span_ids() {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                if let Ok(mut lines) = self.0.lock() {
+                    lines.extend_from_slice(buf);
+                }
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let cx = TraceContextPropagator::new().extract(&FrameExtractor {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            tracestate: "",
+        });
+        tracing::subscriber::with_default(subscriber, || {
+            let _frame = log_span("frame", &cx).entered();
+            tracing::warn!("something about this frame");
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("utf-8");
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        assert_eq!(line["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(line["span"]["span_id"], "00f067aa0ba902b7");
+        assert_eq!(line["span"]["otel.name"], "frame");
     }
 
     #[test]
