@@ -189,13 +189,25 @@ async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batc
             f
         })
         .collect();
-    let verdicts = detect(
+    let mut frames = frames;
+    // And one bad frame: its span carries the error.
+    frames.push(Frame {
+        frame_id: "bad".into(),
+        image: Some(Image::Encoded(b"not a jpeg".to_vec())),
+        ..Frame::default()
+    });
+    let mut verdicts = detect(
         &server,
         frames,
         Some(&format!("00-{CALL_TRACE}-{CALL_SPAN}-01")),
     )
     .await;
-    assert_eq!(verdicts.len(), 16);
+    assert_eq!(verdicts.len(), 17);
+    let bad = verdicts.pop().expect("17 verdicts");
+    assert_eq!(
+        bad.error.as_ref().map(|e| e.reason.as_str()),
+        Some("DECODE_FAILED")
+    );
     assert!(verdicts.iter().all(|v| v.error.is_none()));
 
     // Every frame brings 7 spans (frame + 6 stages); wait for them.
@@ -208,7 +220,7 @@ async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batc
         spans = received.0.lock().await.clone();
         let frames = spans.iter().filter(|(_, s)| s.name == "frame").count();
         let respond = spans.iter().filter(|(_, s)| s.name == "respond").count();
-        if frames == 16 && respond == 16 {
+        if frames == 17 && respond == 17 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -216,6 +228,36 @@ async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batc
     assert!(spans.iter().all(|(service, _)| service == "odin-sidecar"));
     let spans: Vec<Span> = spans.into_iter().map(|(_, s)| s).collect();
     let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+
+    let failed = spans
+        .iter()
+        .find(|s| {
+            s.name == "frame" && attr(s, "odin.frame_id").and_then(string).as_deref() == Some("bad")
+        })
+        .expect("a span for the bad frame");
+    assert_eq!(hex(&failed.parent_span_id), CALL_SPAN);
+    assert_eq!(
+        attr(failed, "error.type").and_then(string).as_deref(),
+        Some("DECODE_FAILED")
+    );
+    assert_eq!(
+        attr(failed, "odin.verdict").and_then(string).as_deref(),
+        Some("error")
+    );
+    let status = failed.status.as_ref().expect("status");
+    assert_eq!(status.code, 2, "STATUS_CODE_ERROR");
+    assert!(
+        status.message.contains("cannot decode"),
+        "{}",
+        status.message
+    );
+    let mut stages: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == failed.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    stages.sort();
+    assert_eq!(stages, ["decode", "receive", "respond"]);
 
     for (i, verdict) in verdicts.iter().enumerate() {
         let frame = spans

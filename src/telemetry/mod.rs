@@ -63,7 +63,8 @@ pub struct OtlpConfig {
     /// (default `parentbased_always_on`).
     pub always_on: bool,
     /// Spans that may wait for export; beyond it new spans are dropped.
-    pub max_queue: usize,
+    /// `None` reads `OTEL_BSP_MAX_QUEUE_SIZE` (default 8192).
+    pub max_queue: Option<usize>,
     /// How often batches are exported; `None` reads `OTEL_BSP_SCHEDULE_DELAY`
     /// (default 5 s).
     pub schedule_delay: Option<Duration>,
@@ -77,7 +78,7 @@ impl Default for OtlpConfig {
         OtlpConfig {
             endpoint: None,
             always_on: false,
-            max_queue: DEFAULT_MAX_EXPORT_QUEUE,
+            max_queue: None,
             schedule_delay: None,
             metrics_interval: None,
         }
@@ -152,7 +153,7 @@ impl Telemetry {
             .map_err(|e| TelemetryError(e.to_string()))?;
         let processor = export::BoundedProcessor::new(
             exporter,
-            otlp.max_queue,
+            otlp.max_queue.unwrap_or_else(max_queue),
             otlp.schedule_delay,
             Arc::clone(&metrics),
         );
@@ -476,6 +477,16 @@ fn metrics_endpoint(configured: Option<&str>) -> String {
         .or_else(|| env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
         .unwrap_or_else(|| "http://localhost:4317".to_string())
+}
+
+/// `OTEL_BSP_MAX_QUEUE_SIZE`, or our default (four times the SDK's 2048:
+/// a burst of frames makes seven spans each).
+fn max_queue() -> usize {
+    std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_MAX_EXPORT_QUEUE)
 }
 
 /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds), or the default.
