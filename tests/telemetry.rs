@@ -550,3 +550,143 @@ async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
             == ins
     );
 }
+
+/// The real binary, configured the way an operator would: `ODIN_OTLP=1` and
+/// the standard `OTEL_*` variables (set on the child only), `--metrics-addr`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
+    use odin_sidecar::wire::detector_client::DetectorClient;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let (receiver_addr, received) = receiver().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .env("ODIN_OTLP", "1")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{receiver_addr}"),
+        )
+        .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut grpc, mut metrics) = (None, None);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("reads") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+            if line.contains("Prometheus") {
+                metrics = addr;
+            } else if line.contains("serving odin.v1.Detector") {
+                grpc = addr;
+                break;
+            }
+        }
+    })
+    .await
+    .expect("serves within a minute");
+    let (grpc, metrics) = (
+        grpc.expect("gRPC address"),
+        metrics.expect("metrics address"),
+    );
+
+    // The sampler is parent-based: a sampled caller's frame is traced, an
+    // unsampled one (flags 00) is not.
+    let mut client = DetectorClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connects");
+    let set = cifar10_test();
+    for (i, flags) in ["01", "00"].iter().enumerate() {
+        let mut request = tonic::Request::new(raw_frame(format!("u{i}"), &set, i));
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{CALL_TRACE}-{CALL_SPAN}-{flags}")
+                .parse()
+                .expect("ascii"),
+        );
+        let verdict = client
+            .detect_one(request)
+            .await
+            .expect("verdict")
+            .into_inner();
+        assert!(verdict.error.is_none());
+    }
+    let mut spans = Vec::new();
+    for _ in 0..200 {
+        spans = received.0.lock().await.clone();
+        if spans.iter().any(|(_, s)| s.name == "respond") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frames: Vec<&Span> = spans
+        .iter()
+        .filter(|(_, s)| s.name == "frame")
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(frames.len(), 1, "only the sampled caller's frame is traced");
+    assert_eq!(
+        attr(frames[0], "odin.frame_id").and_then(string).as_deref(),
+        Some("u0")
+    );
+    assert_eq!(
+        attr(frames[0], "rpc.method").and_then(string).as_deref(),
+        Some("DetectOne")
+    );
+    assert_eq!(hex(&frames[0].parent_span_id), CALL_SPAN);
+    assert!(spans.iter().all(|(service, _)| service == "cam-7-sidecar"));
+
+    // /metrics over plain HTTP, and a 404 elsewhere.
+    let get = |path: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&metrics)
+                .await
+                .expect("connects");
+            stream
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("writes");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("reads");
+            response
+        }
+    };
+    let response = get("/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.contains("text/plain; version=0.0.4"));
+    let body = response.split_once("\r\n\r\n").expect("body").1;
+    let judged = metric(body, r#"odin_frames_total{verdict="in"}"#)
+        + metric(body, r#"odin_frames_total{verdict="out"}"#);
+    assert_eq!(judged, 2);
+    assert_eq!(
+        metric(
+            body,
+            r#"rpc_server_duration_seconds_count{rpc_system="grpc",rpc_service="odin.v1.Detector",rpc_method="DetectOne"}"#
+        ),
+        2
+    );
+    assert!(get("/").await.starts_with("HTTP/1.1 404"));
+
+    let pid = child.id().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success());
+}

@@ -51,8 +51,9 @@ pub use metrics::{Gauges, Method, Metrics, Outcome, Stage};
 /// Spans that may wait for export before new ones are dropped (and counted).
 pub const DEFAULT_MAX_EXPORT_QUEUE: usize = 8192;
 
-/// How spans are exported, when they are.
-#[derive(Debug, Clone, PartialEq)]
+/// How spans are exported, when they are. The default leaves everything
+/// to the standard `OTEL_*` variables.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OtlpConfig {
     /// The collector's OTLP/gRPC endpoint. `None` leaves it to
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -71,18 +72,6 @@ pub struct OtlpConfig {
     /// How often metrics are pushed; `None` reads
     /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds, default 60 s).
     pub metrics_interval: Option<Duration>,
-}
-
-impl Default for OtlpConfig {
-    fn default() -> Self {
-        OtlpConfig {
-            endpoint: None,
-            always_on: false,
-            max_queue: None,
-            schedule_delay: None,
-            metrics_interval: None,
-        }
-    }
 }
 
 /// Why telemetry could not start.
