@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pipeline::{order, Pipeline};
-use crate::telemetry::Method;
+use crate::telemetry::{Method, Telemetry};
 use crate::wire::{detector_server::Detector, Frame, GetModelInfoRequest, ModelInfo, Verdict};
 
 /// The Detector service.
@@ -42,6 +42,28 @@ impl DetectorService {
     }
 }
 
+/// Counts a `Detect` stream as open until dropped.
+struct StreamOpen<'a>(&'a Telemetry);
+
+impl<'a> StreamOpen<'a> {
+    fn enter(telemetry: &'a Telemetry) -> StreamOpen<'a> {
+        telemetry
+            .metrics()
+            .streams_open
+            .fetch_add(1, Ordering::Relaxed);
+        StreamOpen(telemetry)
+    }
+}
+
+impl Drop for StreamOpen<'_> {
+    fn drop(&mut self) {
+        self.0
+            .metrics()
+            .streams_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[tonic::async_trait]
 impl Detector for DetectorService {
     type DetectStream = ReceiverStream<Result<Verdict, Status>>;
@@ -63,10 +85,10 @@ impl Detector for DetectorService {
             parent,
         );
         tokio::spawn(async move {
-            let metrics = telemetry.metrics();
-            metrics.streams_open.fetch_add(1, Ordering::Relaxed);
+            // A guard, so a task dropped mid-stream (runtime shutdown) still
+            // closes its count.
+            let _open = StreamOpen::enter(&telemetry);
             drive.await;
-            metrics.streams_open.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Response::new(ReceiverStream::new(out)))
     }
