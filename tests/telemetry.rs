@@ -690,3 +690,36 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
         .expect("status");
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
+    let (addr, received) = receiver().await;
+    let mut config = resnet20();
+    config.otlp = Some(OtlpConfig {
+        // Room for 5 spans, and no scheduled export during the run.
+        max_queue: Some(5),
+        schedule_delay: Some(Duration::from_secs(3600)),
+        ..otlp(format!("http://{addr}"))
+    });
+    let server = TestServer::start(config).await;
+    let set = cifar10_test();
+    let frames: Vec<Frame> = (0..8)
+        .map(|i| raw_frame(format!("f{i}"), &set, i))
+        .collect();
+    let verdicts = detect(&server, frames, None).await;
+    assert_eq!(verdicts.len(), 8);
+    assert!(verdicts.iter().all(|v| v.error.is_none()));
+    let telemetry = Arc::clone(&server.telemetry);
+    tokio::task::spawn_blocking(move || telemetry.flush())
+        .await
+        .expect("flush");
+    let text = server.scrape().await;
+    let (dropped, exported) = (
+        metric(&text, "odin_spans_dropped_total"),
+        metric(&text, "odin_spans_exported_total"),
+    );
+    // 8 frames make 56 frame and stage spans, plus the engine batches'.
+    assert_eq!(exported, 5, "the queue held 5");
+    assert!(dropped >= 56 - 5, "dropped {dropped}");
+    assert_eq!(received.0.lock().await.len(), 5);
+}
