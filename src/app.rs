@@ -15,6 +15,7 @@ use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
 use crate::pipeline::{Batcher, Pipeline, Preprocessor, ScoringOptions};
 use crate::server::DetectorService;
+use crate::telemetry::{ServedModel, Telemetry};
 use crate::wire::{self, detector_server::DetectorServer, ModelInfo};
 
 /// Why the sidecar could not start.
@@ -35,6 +36,9 @@ pub enum StartError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The OTLP exporter could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// A loaded, warmed-up sidecar, ready to serve.
@@ -90,8 +94,19 @@ impl App {
             threshold = config.threshold,
             "model loaded and warmed up"
         );
+        let telemetry = Arc::new(Telemetry::start(
+            config.otlp.as_ref(),
+            &ServedModel {
+                name: info.name.clone(),
+                version: info.version.clone(),
+                provider: info.execution_provider.clone(),
+            },
+        )?);
+        if telemetry.tracing() {
+            tracing::info!("exporting spans over OTLP/gRPC");
+        }
         let can_perturb = engines[0].can_perturb();
-        let batcher = Batcher::start(engines, config.batch);
+        let batcher = Batcher::start(engines, config.batch, Arc::clone(&telemetry));
         let scoring = ScoringOptions {
             scoring: config.scoring(),
             threshold: config.threshold,
@@ -104,7 +119,11 @@ impl App {
             config.decode_threads,
             scoring,
             model.card.labels.clone(),
+            Arc::clone(&telemetry),
         ));
+        // Weak: the push must not keep the pipeline (and its engines) alive.
+        let gauges = Arc::downgrade(&pipeline);
+        telemetry.spawn_metrics_push(move || gauges.upgrade().map(|p| p.gauges()));
         Ok(App {
             pipeline,
             info,
@@ -121,6 +140,23 @@ impl App {
     /// The pipeline, for in-process use (`detect`, benchmarks).
     pub fn pipeline(&self) -> Arc<Pipeline> {
         Arc::clone(&self.pipeline)
+    }
+
+    /// Metrics and tracing.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        Arc::clone(self.pipeline.telemetry())
+    }
+
+    /// Serves Prometheus text on `GET /metrics` at `listener` until
+    /// `shutdown` completes. Spawn it next to `serve`.
+    pub fn serve_metrics(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let pipeline = Arc::clone(&self.pipeline);
+        let metrics = Arc::clone(pipeline.telemetry().metrics());
+        crate::telemetry::http::serve(listener, metrics, move || pipeline.gauges(), shutdown)
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains.
@@ -166,6 +202,7 @@ impl App {
         };
         let reflection_error =
             |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
+        let telemetry = Arc::clone(self.pipeline.telemetry());
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         let detector = DetectorServer::new(DetectorService::new(
@@ -184,7 +221,10 @@ impl App {
             .add_service(detector)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
-            .map_err(|e| StartError::Config(format!("gRPC server: {e}")))
+            .map_err(|e| StartError::Config(format!("gRPC server: {e}")))?;
+        // Export what the last frames left; shutdown blocks, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
 use crate::pipeline::{order, BatchOptions, OverrideBounds};
 use crate::score::Method;
+use crate::telemetry::OtlpConfig;
 
 /// Address `serve` listens on by default.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
@@ -66,6 +67,8 @@ pub struct ServeConfig {
     /// Unary calls in flight beyond which `DetectOne` answers
     /// RESOURCE_EXHAUSTED (0 = no limit: unary callers then wait in the queue).
     pub max_unary_in_flight: usize,
+    /// Span export over OTLP/gRPC; `None` (the default) makes no spans.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +94,7 @@ impl Default for ServeConfig {
             stream_window: order::DEFAULT_WINDOW,
             decode_threads: DEFAULT_DECODE_THREADS,
             max_unary_in_flight: 0,
+            otlp: None,
         }
     }
 }

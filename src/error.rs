@@ -118,6 +118,25 @@ pub enum FrameError {
 }
 
 impl FrameError {
+    /// Every `reason()` there is, so metrics can keep one counter each
+    /// without a map on the request path. Keep in step with `reason()`.
+    pub const REASONS: [&'static str; 14] = [
+        "EMPTY_FRAME",
+        "DECODE_FAILED",
+        "SIZE_MISMATCH",
+        "IMAGE_TOO_LARGE",
+        "RAW_LENGTH_MISMATCH",
+        "UNSUPPORTED_CHANNELS",
+        "TENSOR_SHAPE_MISMATCH",
+        "TENSOR_LENGTH_MISMATCH",
+        "NON_FINITE_VALUE",
+        "UNKNOWN_METHOD",
+        "OVERRIDE_OUT_OF_BOUNDS",
+        "PERTURBATION_UNAVAILABLE",
+        "ENGINE_FAILED",
+        "UNAVAILABLE",
+    ];
+
     /// The gRPC status code this error maps to.
     pub fn code(&self) -> Code {
         match self {
@@ -178,5 +197,19 @@ mod tests {
         assert_eq!(wire.code, 3);
         assert_eq!(wire.reason, "UNSUPPORTED_CHANNELS");
         assert!(wire.message.contains("2 channels"));
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        for error in [
+            FrameError::Empty,
+            FrameError::Channels(2),
+            FrameError::UnknownMethod("x".into()),
+            FrameError::PerturbationUnavailable("odin".into()),
+            FrameError::Engine("x".into()),
+            FrameError::Unavailable,
+        ] {
+            assert!(FrameError::REASONS.contains(&error.reason()));
+        }
     }
 }

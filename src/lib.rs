@@ -20,4 +20,5 @@ pub mod onnx;
 pub mod pipeline;
 pub mod score;
 pub mod server;
+pub mod telemetry;
 pub mod wire;

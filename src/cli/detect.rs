@@ -87,7 +87,13 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let (tx, mut rx) = mpsc::channel(window);
     let started = Instant::now();
     let inbound = tokio_stream::iter(frames.into_iter().map(Ok));
-    tokio::spawn(order::drive(app.pipeline(), inbound, tx, window));
+    tokio::spawn(order::drive(
+        app.pipeline(),
+        inbound,
+        tx,
+        window,
+        opentelemetry::Context::new(),
+    ));
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if !args.quiet && !args.json {

@@ -71,7 +71,8 @@ pub struct LoadgenArgs {
     pub quiet: bool,
 }
 
-fn frames(data: Option<&PathBuf>) -> anyhow::Result<Vec<Frame>> {
+/// The frames a run cycles through (also `bench tracing`'s).
+pub(crate) fn frames(data: Option<&PathBuf>) -> anyhow::Result<Vec<Frame>> {
     let frame = |image| Frame {
         image: Some(image),
         ..Frame::default()

@@ -82,6 +82,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Sets up `tracing` output on stderr; `RUST_LOG` filters (default `info`).
+/// With tracing on, lines about a frame sit in an `otel` span carrying its
+/// `trace_id` and `span_id` (see `crate::telemetry::log_span`).
 pub fn init_logging(format: LogFormat) {
     // ONNX Runtime logs every graph transformer at info: keep it at warn
     // unless RUST_LOG asks for `ort` explicitly.

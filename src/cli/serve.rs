@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use super::ModelArgs;
 use crate::app::App;
 use crate::config::DEFAULT_ADDR;
+use crate::telemetry::OtlpConfig;
 
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
@@ -20,14 +21,33 @@ pub struct ServeArgs {
     /// sharing a pod or host with its client).
     #[arg(long, env = "ODIN_UDS")]
     pub uds: Option<std::path::PathBuf>,
+    /// Export a trace span per frame over OTLP/gRPC. The standard variables
+    /// configure it: OTEL_EXPORTER_OTLP_ENDPOINT (default
+    /// http://localhost:4317), OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and
+    /// OTEL_TRACES_SAMPLER_ARG, OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*.
+    #[arg(long, env = "ODIN_OTLP", value_parser = clap::builder::FalseyValueParser::new())]
+    pub otlp: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464
+    /// (off unless given).
+    #[arg(long, env = "ODIN_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
 
 /// Runs `serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = args.model.config()?;
+    let mut config = args.model.config()?;
+    if args.otlp {
+        config.otlp = Some(OtlpConfig::default());
+    }
     let app = App::build(&config).await?;
+    if let Some(addr) = args.metrics_addr {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics");
+        // Lives as long as the process: scrapes may come during the drain.
+        tokio::spawn(app.serve_metrics(listener, std::future::pending()));
+    }
     if let Some(path) = &args.uds {
         // A socket file left by a previous run would make bind fail.
         if path.exists() {

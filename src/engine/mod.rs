@@ -140,6 +140,10 @@ pub struct BatchOutput {
     pub logits: Vec<f32>,
     /// `batch × classes` logits of the perturbed frames, when perturbed.
     pub perturbed_logits: Option<Vec<f32>>,
+    /// Time in the gradient graph G, when perturbed (for the batch's trace).
+    pub gradient_time: Option<std::time::Duration>,
+    /// Time in the forward run of the model.
+    pub forward_time: std::time::Duration,
 }
 
 /// The model's session, and the gradient graph's when ODIN is available.
@@ -271,10 +275,13 @@ impl Engine {
         batch: usize,
         perturbation: Option<Perturbation>,
     ) -> Result<BatchOutput, EngineError> {
+        let started = std::time::Instant::now();
         let Some(perturbation) = perturbation else {
             return Ok(BatchOutput {
                 logits: self.logits(input, batch)?,
                 perturbed_logits: None,
+                gradient_time: None,
+                forward_time: started.elapsed(),
             });
         };
         let [c, h, w] = self.chw;
@@ -289,6 +296,7 @@ impl Engine {
         )?;
         let logits = extract(&g_out, graph_names::LOGITS, batch * classes)?.to_vec();
         let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?;
+        let gradient_time = started.elapsed();
         let x2 = TensorRef::from_array_view(([batch, c, h, w], perturbed)).map_err(ort_error)?;
         let out = self
             .session
@@ -305,6 +313,8 @@ impl Engine {
         Ok(BatchOutput {
             logits,
             perturbed_logits: Some(perturbed_logits.to_vec()),
+            gradient_time: Some(gradient_time),
+            forward_time: started.elapsed() - gradient_time,
         })
     }
 

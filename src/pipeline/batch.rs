@@ -8,6 +8,10 @@
 //! The queue is bounded, so when the engine falls behind, submitters wait,
 //! stream readers stop reading, and HTTP/2 flow control pushes back on
 //! producers instead of memory growing without limit.
+//!
+//! Workers are std threads, outside any span context, so each job carries
+//! its frame's trace; the worker records the batch span (linked to those
+//! frames) and each frame's queue and batch stages once the run is over.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -18,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::engine::Engine;
 use crate::error::FrameError;
 use crate::score::Perturbation;
+use crate::telemetry::{BatchTrace, FrameTrace, Telemetry};
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,8 @@ struct Job {
     input: Vec<f32>,
     perturbation: Option<Perturbation>,
     enqueued: Instant,
+    // The frame's span, when it is traced.
+    trace: Option<FrameTrace>,
     reply: oneshot::Sender<Result<Inference, FrameError>>,
 }
 
@@ -63,7 +70,11 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the batcher task and one worker thread per engine. Must be
     /// called inside a tokio runtime.
-    pub fn start(engines: Vec<Engine>, options: BatchOptions) -> Batcher {
+    pub fn start(
+        engines: Vec<Engine>,
+        options: BatchOptions,
+        telemetry: Arc<Telemetry>,
+    ) -> Batcher {
         let (jobs_tx, jobs_rx) = mpsc::channel(options.queue_capacity.max(1));
         // One batch may wait while the workers are busy; the next forms
         // meanwhile, so batches grow with load.
@@ -71,9 +82,10 @@ impl Batcher {
         let batches_rx = Arc::new(Mutex::new(batches_rx));
         for (i, engine) in engines.into_iter().enumerate() {
             let batches = Arc::clone(&batches_rx);
+            let telemetry = Arc::clone(&telemetry);
             let spawned = std::thread::Builder::new()
                 .name(format!("odin-engine-{i}"))
-                .spawn(move || work(engine, &batches));
+                .spawn(move || work(engine, &batches, &telemetry));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot spawn engine worker thread");
             }
@@ -84,17 +96,20 @@ impl Batcher {
 
     /// Queues one frame's input and waits for its logits (and those of the
     /// perturbed frame, with `perturbation`). Waits for room in the queue
-    /// first, which is what pushes back on fast producers.
+    /// first, which is what pushes back on fast producers. With `trace`, the
+    /// frame's queue and batch stages are recorded under it.
     pub async fn infer(
         &self,
         input: Vec<f32>,
         perturbation: Option<Perturbation>,
+        trace: Option<FrameTrace>,
     ) -> Result<Inference, FrameError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
             perturbation,
             enqueued: Instant::now(),
+            trace,
             reply,
         };
         self.jobs
@@ -166,7 +181,7 @@ async fn gather(
 }
 
 /// A worker thread: takes batches until the batcher is gone.
-fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>) {
+fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>, telemetry: &Telemetry) {
     loop {
         let next = match batches.lock() {
             Ok(mut rx) => rx.blocking_recv(),
@@ -176,12 +191,12 @@ fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>) {
         // A frame whose stream was cancelled needs no compute.
         batch.retain(|job| !job.reply.is_closed());
         if !batch.is_empty() {
-            run_batch(&mut engine, batch);
+            run_batch(&mut engine, batch, telemetry);
         }
     }
 }
 
-fn run_batch(engine: &mut Engine, batch: Vec<Job>) {
+fn run_batch(engine: &mut Engine, batch: Vec<Job>, telemetry: &Telemetry) {
     let started = Instant::now();
     let n = batch.len();
     let mut input = Vec::with_capacity(n * batch[0].input.len());
@@ -189,7 +204,28 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>) {
         input.extend_from_slice(&job.input);
     }
     let result = engine.run(&input, n, batch[0].perturbation);
-    let compute = started.elapsed();
+    let ended = Instant::now();
+    let compute = ended - started;
+    telemetry.metrics().batch_size.record(n as f64);
+    if let Some(tracer) = telemetry.tracer() {
+        let (gradient, forward) = match &result {
+            Ok(output) => (output.gradient_time, output.forward_time),
+            Err(_) => (None, compute),
+        };
+        let traced = batch
+            .iter()
+            .filter_map(|job| job.trace.as_ref().map(|t| (t, job.enqueued)));
+        BatchTrace {
+            tracer,
+            started,
+            ended,
+            gradient,
+            forward,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            provider: engine.provider().to_string(),
+        }
+        .record(traced, n);
+    }
     match result {
         Ok(output) => {
             let classes = output.logits.len() / n;
@@ -207,6 +243,11 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>) {
             }
         }
         Err(e) => {
+            // Logged inside one of its frames' trace, so the line can be found from it.
+            let _log = batch
+                .iter()
+                .find_map(|job| job.trace.as_ref())
+                .map(|t| t.log_span("engine.batch").entered());
             tracing::error!(error = %e, batch = n, "engine run failed");
             for job in batch {
                 let _ = job.reply.send(Err(FrameError::Engine(e.to_string())));

@@ -3,6 +3,9 @@
 //!
 //! `Pipeline::judge` runs it for one frame; `order::drive` runs it for a
 //! whole stream, keeping verdicts in frame order.
+//!
+//! Every stage is timed into the metrics and, when tracing is on, recorded
+//! as a child span of the frame's span (see `crate::telemetry`).
 
 pub mod batch;
 pub mod decode;
@@ -12,10 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::{Context, KeyValue};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::error::FrameError;
 use crate::score::{self, Outputs, Scoring};
+use crate::telemetry::{FrameTrace, Gauges, Method, Outcome, Stage, Telemetry};
 use crate::wire::{Frame, ScoringOverride, Timings, Verdict};
 
 pub use batch::{BatchOptions, Batcher, Inference};
@@ -55,6 +61,7 @@ pub struct Pipeline {
     options: ScoringOptions,
     labels: Vec<String>,
     in_flight: AtomicUsize,
+    telemetry: Arc<Telemetry>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -73,6 +80,7 @@ impl Pipeline {
         decode_threads: usize,
         options: ScoringOptions,
         labels: Vec<String>,
+        telemetry: Arc<Telemetry>,
     ) -> Pipeline {
         Pipeline {
             preprocessor,
@@ -81,6 +89,20 @@ impl Pipeline {
             options,
             labels,
             in_flight: AtomicUsize::new(0),
+            telemetry,
+        }
+    }
+
+    /// Metrics and tracing of this pipeline.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// The gauges `/metrics` reports, read now.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            queue_depth: self.queued() as u64,
+            in_flight: self.in_flight() as u64,
         }
     }
 
@@ -148,34 +170,109 @@ impl Pipeline {
         self.batcher.queued()
     }
 
-    /// Judges one frame. Never fails: a bad frame gets an error verdict.
+    /// Judges one frame in-process. Never fails: a bad frame gets an error
+    /// verdict.
     pub async fn judge(self: Arc<Self>, frame: Frame) -> Verdict {
+        self.judge_traced(frame, &Context::new(), Method::InProcess)
+            .await
+            .verdict
+    }
+
+    /// Judges one frame that came on `method`, tracing it as a child of the
+    /// frame's own `traceparent` or else of `parent` (the call's context).
+    /// The answer's frame span and end-to-end latency close when it is
+    /// dropped: drop it once the verdict is sent.
+    pub async fn judge_traced(
+        self: Arc<Self>,
+        frame: Frame,
+        parent: &Context,
+        method: Method,
+    ) -> Answer {
         let arrived = Instant::now();
-        let _counted = InFlight::enter(&self.in_flight);
+        let counted = InFlight::enter(Arc::clone(&self));
         let Frame {
             frame_id,
             image,
             attributes,
             scoring,
+            traceparent,
+            tracestate,
         } = frame;
+        let trace = self.telemetry.frame(
+            parent,
+            &traceparent,
+            &tracestate,
+            method,
+            &frame_id,
+            arrived,
+        );
         let mut verdict = Verdict {
             frame_id,
             attributes,
             ..Verdict::default()
         };
-        let result = match self.resolve(scoring.as_ref()) {
+        let resolved = self.resolve(scoring.as_ref());
+        let received = Instant::now();
+        self.stage(trace.as_ref(), Stage::Receive, arrived, received);
+        let result = match resolved {
             Ok((scoring, threshold)) => {
-                self.run(image, scoring, threshold, arrived, &mut verdict)
-                    .await
+                let run = self.run(image, scoring, threshold, &trace, &mut verdict);
+                match &trace {
+                    // Log lines of this frame carry its trace and span ids.
+                    Some(t) => run.instrument(t.log_span("frame")).await,
+                    None => run.await,
+                }
             }
             Err(error) => Err(error),
         };
-        if let Err(error) = result {
-            verdict.error = Some((&error).into());
+        let ready = Instant::now();
+        let error = result.err();
+        if let Some(error) = &error {
+            verdict.error = Some(error.into());
         }
         let timings = verdict.timings.get_or_insert_with(Timings::default);
-        timings.total_us = micros(arrived.elapsed());
-        verdict
+        timings.total_us = micros(ready - arrived);
+        let outcome = match (&error, verdict.in_distribution) {
+            (Some(_), _) => Outcome::Error,
+            (None, true) => Outcome::In,
+            (None, false) => Outcome::Out,
+        };
+        if let Some(t) = &trace {
+            let mut attributes = vec![
+                KeyValue::new("odin.method", verdict.method.clone()),
+                KeyValue::new("odin.verdict", outcome.name()),
+            ];
+            match &error {
+                Some(error) => t.fail(error.reason(), error.to_string()),
+                None => attributes.extend([
+                    KeyValue::new("odin.score", f64::from(verdict.score)),
+                    KeyValue::new("odin.threshold", f64::from(verdict.threshold)),
+                    KeyValue::new("odin.predicted_class", i64::from(verdict.predicted_class)),
+                    KeyValue::new("odin.label", verdict.label.clone()),
+                ]),
+            }
+            t.set_attributes(attributes);
+        }
+        Answer {
+            verdict,
+            finish: Finish {
+                pipeline: Arc::clone(&self),
+                method,
+                arrived,
+                ready,
+                outcome,
+                reason: error.as_ref().map(FrameError::reason),
+                trace,
+                _counted: counted,
+            },
+        }
+    }
+
+    fn stage(&self, trace: Option<&FrameTrace>, stage: Stage, start: Instant, end: Instant) {
+        self.telemetry.metrics().stage(stage, end - start);
+        if let Some(t) = trace {
+            t.stage(stage, start, end);
+        }
     }
 
     async fn run(
@@ -183,13 +280,14 @@ impl Pipeline {
         image: Option<crate::wire::frame::Image>,
         scoring: Scoring,
         threshold: f32,
-        arrived: Instant,
+        trace: &Option<FrameTrace>,
         verdict: &mut Verdict,
     ) -> Result<(), FrameError> {
         verdict.method = scoring.method.to_string();
         verdict.temperature = scoring.temperature;
         verdict.epsilon = scoring.effective_epsilon();
         verdict.threshold = threshold;
+        let decode_start = Instant::now();
         // Decoding can take milliseconds for large JPEGs: keep it off the
         // async runtime's threads.
         let permit = Arc::clone(&self.decoders)
@@ -202,12 +300,30 @@ impl Pipeline {
             this.preprocessor.tensor(image.as_ref())
         })
         .await
-        .map_err(|e| FrameError::Engine(format!("decode task failed: {e}")))??;
-        let decoded = arrived.elapsed();
-        let inference = self.batcher.infer(input, scoring.perturbation()).await?;
+        .map_err(|e| FrameError::Engine(format!("decode task failed: {e}")))?;
+        let decoded = Instant::now();
+        self.stage(trace.as_ref(), Stage::Decode, decode_start, decoded);
+        let input = input?;
+        // The worker records the queue and batch spans; their metrics are
+        // recorded here, from the durations it reports.
+        let inference = self
+            .batcher
+            .infer(input, scoring.perturbation(), trace.clone())
+            .await?;
+        let metrics = self.telemetry.metrics();
+        metrics.stage(Stage::Queue, inference.queued);
+        metrics.stage(Stage::Batch, inference.compute);
+        let score_start = Instant::now();
         self.score(&inference, scoring, verdict);
+        if let Some(t) = trace {
+            t.set_attributes([KeyValue::new(
+                "odin.batch_size",
+                inference.batch_size as i64,
+            )]);
+        }
+        self.stage(trace.as_ref(), Stage::Score, score_start, Instant::now());
         verdict.timings = Some(Timings {
-            decode_us: micros(decoded),
+            decode_us: micros(decoded - decode_start),
             queue_us: micros(inference.queued),
             inference_us: micros(inference.compute),
             total_us: 0,
@@ -229,20 +345,65 @@ impl Pipeline {
     }
 }
 
-/// Counts a frame as in flight until dropped (also when its future is
-/// cancelled mid-way).
-struct InFlight<'a>(&'a AtomicUsize);
+/// A frame's verdict, and the bookkeeping that closes when it is sent.
+#[derive(Debug)]
+pub struct Answer {
+    /// The verdict to send.
+    pub verdict: Verdict,
+    /// Dropped once the verdict is sent (or abandoned).
+    pub finish: Finish,
+}
 
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicUsize) -> InFlight<'a> {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
+/// Records the respond stage, the frame's end-to-end latency and outcome,
+/// and ends its span, when dropped: after the verdict is sent, or when the
+/// stream goes away with it still pending.
+pub struct Finish {
+    pipeline: Arc<Pipeline>,
+    method: Method,
+    arrived: Instant,
+    ready: Instant,
+    outcome: Outcome,
+    reason: Option<&'static str>,
+    trace: Option<FrameTrace>,
+    _counted: InFlight,
+}
+
+impl std::fmt::Debug for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finish")
+            .field("method", &self.method)
+            .field("outcome", &self.outcome)
+            .finish()
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Finish {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let metrics = self.pipeline.telemetry.metrics();
+        metrics.stage(Stage::Respond, sent - self.ready);
+        metrics.frame(self.method, sent - self.arrived, self.outcome, self.reason);
+        if let Some(t) = &self.trace {
+            t.stage(Stage::Respond, self.ready, sent);
+            t.end(sent);
+        }
+    }
+}
+
+/// Counts a frame as in flight until dropped (also when its future is
+/// cancelled mid-way).
+struct InFlight(Arc<Pipeline>);
+
+impl InFlight {
+    fn enter(pipeline: Arc<Pipeline>) -> InFlight {
+        pipeline.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(pipeline)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -8,11 +8,13 @@
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use opentelemetry::Context;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
 use super::Pipeline;
+use crate::telemetry::Method;
 use crate::wire::{Frame, Verdict};
 
 /// Default number of frames one stream may have in flight.
@@ -21,11 +23,14 @@ pub const DEFAULT_WINDOW: usize = 64;
 /// Reads `frames` until the client half-closes (or the stream fails),
 /// answers every frame read, in order, on `verdicts`, then returns.
 /// Returns early, dropping pending work, when the client goes away.
+/// Frames without their own `traceparent` are traced under `parent`, the
+/// call's trace context.
 pub async fn drive<S>(
     pipeline: Arc<Pipeline>,
     mut frames: S,
     verdicts: mpsc::Sender<Result<Verdict, Status>>,
     window: usize,
+    parent: Context,
 ) where
     S: Stream<Item = Result<Frame, Status>> + Unpin,
 {
@@ -35,13 +40,22 @@ pub async fn drive<S>(
         tokio::select! {
             // Answer first: a verdict that is ready goes out before reading more.
             biased;
-            Some(verdict) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                let crate::pipeline::Answer { verdict, finish } = answer;
                 if verdicts.send(Ok(verdict)).await.is_err() {
                     return; // The client left; dropping `in_flight` cancels the rest.
                 }
+                // Sent: the frame's respond stage and span end here.
+                drop(finish);
             }
             frame = frames.next(), if reading && in_flight.len() < window.max(1) => match frame {
-                Some(Ok(frame)) => in_flight.push_back(Arc::clone(&pipeline).judge(frame)),
+                Some(Ok(frame)) => {
+                    let pipeline = Arc::clone(&pipeline);
+                    let parent = parent.clone();
+                    in_flight.push_back(async move {
+                        pipeline.judge_traced(frame, &parent, Method::Detect).await
+                    });
+                }
                 Some(Err(status)) => {
                     tracing::debug!(%status, "inbound stream failed; answering pending frames");
                     reading = false;

@@ -1,6 +1,7 @@
 //! `odin.v1.Detector`: receives frames and hands them to the pipeline.
 //! Handlers do no heavy work themselves; everything was loaded at start-up.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Semaphore};
@@ -8,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pipeline::{order, Pipeline};
+use crate::telemetry::{Method, Telemetry};
 use crate::wire::{detector_server::Detector, Frame, GetModelInfoRequest, ModelInfo, Verdict};
 
 /// The Detector service.
@@ -40,6 +42,28 @@ impl DetectorService {
     }
 }
 
+/// Counts a `Detect` stream as open until dropped.
+struct StreamOpen<'a>(&'a Telemetry);
+
+impl<'a> StreamOpen<'a> {
+    fn enter(telemetry: &'a Telemetry) -> StreamOpen<'a> {
+        telemetry
+            .metrics()
+            .streams_open
+            .fetch_add(1, Ordering::Relaxed);
+        StreamOpen(telemetry)
+    }
+}
+
+impl Drop for StreamOpen<'_> {
+    fn drop(&mut self) {
+        self.0
+            .metrics()
+            .streams_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[tonic::async_trait]
 impl Detector for DetectorService {
     type DetectStream = ReceiverStream<Result<Verdict, Status>>;
@@ -48,14 +72,24 @@ impl Detector for DetectorService {
         &self,
         request: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::DetectStream>, Status> {
+        let telemetry = Arc::clone(self.pipeline.telemetry());
+        // The call's trace context: parent of frames that carry none of their own.
+        let parent = telemetry.extract_metadata(request.metadata());
         let frames = request.into_inner();
         let (verdicts, out) = mpsc::channel(self.window.max(1));
-        tokio::spawn(order::drive(
+        let drive = order::drive(
             Arc::clone(&self.pipeline),
             frames,
             verdicts,
             self.window,
-        ));
+            parent,
+        );
+        tokio::spawn(async move {
+            // A guard, so a task dropped mid-stream (runtime shutdown) still
+            // closes its count.
+            let _open = StreamOpen::enter(&telemetry);
+            drive.await;
+        });
         Ok(Response::new(ReceiverStream::new(out)))
     }
 
@@ -68,8 +102,16 @@ impl Detector for DetectorService {
             })?),
             None => None,
         };
-        let verdict = Arc::clone(&self.pipeline).judge(request.into_inner()).await;
-        Ok(Response::new(verdict))
+        let parent = self
+            .pipeline
+            .telemetry()
+            .extract_metadata(request.metadata());
+        let answer = Arc::clone(&self.pipeline)
+            .judge_traced(request.into_inner(), &parent, Method::DetectOne)
+            .await;
+        // tonic encodes and sends after we return, so the unary respond stage
+        // ends here; its sending is outside the frame span.
+        Ok(Response::new(answer.verdict))
     }
 
     async fn get_model_info(

@@ -51,6 +51,9 @@ pub fn tin_crop() -> RawSet {
 /// A sidecar serving on 127.0.0.1:<ephemeral>, stopped on drop.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served.
+    pub metrics_addr: SocketAddr,
+    pub telemetry: std::sync::Arc<odin_sidecar::telemetry::Telemetry>,
     pub app_info: odin_sidecar::wire::ModelInfo,
     pub pipeline: std::sync::Arc<odin_sidecar::pipeline::Pipeline>,
     stop: Option<oneshot::Sender<()>>,
@@ -61,6 +64,13 @@ impl TestServer {
         let app = App::build(&config).await.expect("sidecar builds");
         let app_info = app.info().clone();
         let pipeline = app.pipeline();
+        let telemetry = app.telemetry();
+        let metrics_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let metrics_addr = metrics_listener.local_addr().expect("local addr");
+        // Lives as long as the test's runtime.
+        tokio::spawn(app.serve_metrics(metrics_listener, std::future::pending()));
         // Bind before spawning, so the port is ready when we return.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -75,6 +85,8 @@ impl TestServer {
         });
         TestServer {
             addr,
+            metrics_addr,
+            telemetry,
             app_info,
             pipeline,
             stop: Some(stop),
@@ -95,6 +107,26 @@ impl TestServer {
 
     pub async fn client(&self) -> DetectorClient<Channel> {
         DetectorClient::new(self.channel().await)
+    }
+
+    /// `GET /metrics` over a plain TCP connection: the Prometheus text.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .expect("connects to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .expect("writes request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("reads response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
     }
 }
 

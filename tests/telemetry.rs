@@ -1,0 +1,725 @@
+//! Observability end to end, with real parts only: a real OTLP/gRPC trace
+//! receiver (tonic serving the official `opentelemetry-proto` TraceService)
+//! on loopback, the sidecar exporting to it, frames streamed with W3C trace
+//! context; and `/metrics` scraped over HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use odin_sidecar::config::ServeConfig;
+use odin_sidecar::score::Method;
+use odin_sidecar::telemetry::OtlpConfig;
+use odin_sidecar::wire::{frame::Image, Frame, RawImage, Verdict};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+
+/// Every span the receiver got, with its resource's service name.
+#[derive(Debug, Default, Clone)]
+struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Received {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().await;
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| string(kv.value.as_ref()?.value.as_ref()?))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push((service.clone(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Every metrics push the receiver got.
+#[derive(Debug, Default, Clone)]
+struct ReceivedMetrics(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for ReceivedMetrics {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().await.push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+fn string(v: &Value) -> Option<String> {
+    match v {
+        Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+/// Starts a receiver on loopback; returns its address and what it receives.
+async fn receiver() -> (SocketAddr, Received) {
+    let (addr, received, _) = receivers().await;
+    (addr, received)
+}
+
+/// A trace and metrics receiver on one loopback port, like a collector's
+/// OTLP/gRPC receiver.
+async fn receivers() -> (SocketAddr, Received, ReceivedMetrics) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Received::default();
+    let metrics = ReceivedMetrics::default();
+    let service = TraceServiceServer::new(received.clone());
+    let metrics_service = MetricsServiceServer::new(metrics.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .add_service(metrics_service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("receiver serves");
+    });
+    (addr, received, metrics)
+}
+
+fn otlp(endpoint: String) -> OtlpConfig {
+    OtlpConfig {
+        endpoint: Some(endpoint),
+        always_on: true,
+        schedule_delay: Some(Duration::from_millis(50)),
+        ..OtlpConfig::default()
+    }
+}
+
+fn raw_frame(id: String, set: &odin_sidecar::dataset::RawSet, i: usize) -> Frame {
+    Frame {
+        frame_id: id,
+        image: Some(Image::Raw(set.raw(i))),
+        ..Frame::default()
+    }
+}
+
+/// Streams `frames` on one Detect call with `metadata` and collects the verdicts.
+async fn detect(
+    server: &TestServer,
+    frames: Vec<Frame>,
+    traceparent: Option<&str>,
+) -> Vec<Verdict> {
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(tokio_stream::iter(frames));
+    if let Some(tp) = traceparent {
+        request
+            .metadata_mut()
+            .insert("traceparent", tp.parse().expect("ascii"));
+    }
+    let mut stream = client
+        .detect(request)
+        .await
+        .expect("Detect starts")
+        .into_inner();
+    let mut verdicts = Vec::new();
+    while let Some(v) = stream.next().await {
+        verdicts.push(v.expect("verdict"));
+    }
+    verdicts
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const CALL_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALL_SPAN: &str = "00f067aa0ba902b7";
+const FRAME_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batch_links() {
+    let (receiver_addr, received) = receiver().await;
+    let mut config = resnet20();
+    config.method = Method::Odin;
+    config.temperature = 1000.0;
+    config.epsilon = 0.0014;
+    config.otlp = Some(otlp(format!("http://{receiver_addr}")));
+    let server = TestServer::start(config).await;
+    let set = cifar10_test();
+    // Frames 0..8 inherit the call's traceparent; 8..16 carry their own.
+    let frames: Vec<Frame> = (0..16)
+        .map(|i| {
+            let mut f = raw_frame(format!("f{i}"), &set, i);
+            if i >= 8 {
+                f.traceparent = format!("00-{FRAME_TRACE}-{:016x}-01", 0x1000 + i);
+            }
+            f
+        })
+        .collect();
+    let mut frames = frames;
+    // And one bad frame: its span carries the error.
+    frames.push(Frame {
+        frame_id: "bad".into(),
+        image: Some(Image::Encoded(b"not a jpeg".to_vec())),
+        ..Frame::default()
+    });
+    let mut verdicts = detect(
+        &server,
+        frames,
+        Some(&format!("00-{CALL_TRACE}-{CALL_SPAN}-01")),
+    )
+    .await;
+    assert_eq!(verdicts.len(), 17);
+    let bad = verdicts.pop().expect("17 verdicts");
+    assert_eq!(
+        bad.error.as_ref().map(|e| e.reason.as_str()),
+        Some("DECODE_FAILED")
+    );
+    assert!(verdicts.iter().all(|v| v.error.is_none()));
+
+    // Every frame brings 7 spans (frame + 6 stages); wait for them.
+    let telemetry = Arc::clone(&server.telemetry);
+    tokio::task::spawn_blocking(move || telemetry.flush())
+        .await
+        .expect("flush");
+    let mut spans = Vec::new();
+    for _ in 0..200 {
+        spans = received.0.lock().await.clone();
+        let frames = spans.iter().filter(|(_, s)| s.name == "frame").count();
+        let respond = spans.iter().filter(|(_, s)| s.name == "respond").count();
+        if frames == 17 && respond == 17 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(spans.iter().all(|(service, _)| service == "odin-sidecar"));
+    let spans: Vec<Span> = spans.into_iter().map(|(_, s)| s).collect();
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+
+    let failed = spans
+        .iter()
+        .find(|s| {
+            s.name == "frame" && attr(s, "odin.frame_id").and_then(string).as_deref() == Some("bad")
+        })
+        .expect("a span for the bad frame");
+    assert_eq!(hex(&failed.parent_span_id), CALL_SPAN);
+    assert_eq!(
+        attr(failed, "error.type").and_then(string).as_deref(),
+        Some("DECODE_FAILED")
+    );
+    assert_eq!(
+        attr(failed, "odin.verdict").and_then(string).as_deref(),
+        Some("error")
+    );
+    let status = failed.status.as_ref().expect("status");
+    assert_eq!(status.code, 2, "STATUS_CODE_ERROR");
+    assert!(
+        status.message.contains("cannot decode"),
+        "{}",
+        status.message
+    );
+    let mut stages: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == failed.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    stages.sort();
+    assert_eq!(stages, ["decode", "receive", "respond"]);
+
+    for (i, verdict) in verdicts.iter().enumerate() {
+        let frame = spans
+            .iter()
+            .find(|s| {
+                s.name == "frame"
+                    && attr(s, "odin.frame_id").and_then(string).as_deref()
+                        == Some(&verdict.frame_id)
+            })
+            .unwrap_or_else(|| panic!("no frame span for {}", verdict.frame_id));
+        // A child of the caller's span: the call's, or the frame's own.
+        let (trace, parent) = if i < 8 {
+            (CALL_TRACE.to_string(), CALL_SPAN.to_string())
+        } else {
+            (FRAME_TRACE.to_string(), format!("{:016x}", 0x1000 + i))
+        };
+        assert_eq!(hex(&frame.trace_id), trace, "frame {i} trace id");
+        assert_eq!(hex(&frame.parent_span_id), parent, "frame {i} parent");
+        assert_eq!(
+            attr(frame, "rpc.method").and_then(string).as_deref(),
+            Some("Detect")
+        );
+        assert_eq!(
+            attr(frame, "odin.method").and_then(string).as_deref(),
+            Some("odin")
+        );
+        assert_eq!(
+            attr(frame, "odin.verdict").and_then(string).as_deref(),
+            Some(if verdict.in_distribution { "in" } else { "out" })
+        );
+        assert_eq!(
+            attr(frame, "odin.predicted_class"),
+            Some(&Value::IntValue(i64::from(verdict.predicted_class)))
+        );
+        match attr(frame, "odin.score") {
+            Some(Value::DoubleValue(s)) => assert_eq!(*s as f32, verdict.score),
+            other => panic!("odin.score: {other:?}"),
+        }
+        assert_eq!(
+            attr(frame, "odin.model.name").and_then(string),
+            Some(server.app_info.name.clone())
+        );
+        assert_eq!(
+            attr(frame, "odin.execution_provider").and_then(string),
+            Some(server.app_info.execution_provider.clone())
+        );
+        let Some(Value::IntValue(batch_size)) = attr(frame, "odin.batch_size") else {
+            panic!("frame {i} has no batch size");
+        };
+
+        // Its stages: all six, in order, inside it, not overlapping.
+        let mut stages: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == frame.span_id)
+            .collect();
+        stages.sort_by_key(|s| s.start_time_unix_nano);
+        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["receive", "decode", "queue", "batch", "score", "respond"],
+            "frame {i} stages"
+        );
+        let mut at = frame.start_time_unix_nano;
+        for stage in &stages {
+            assert_eq!(stage.trace_id, frame.trace_id);
+            assert!(
+                stage.start_time_unix_nano >= at,
+                "frame {i}: {} overlaps",
+                stage.name
+            );
+            assert!(stage.end_time_unix_nano >= stage.start_time_unix_nano);
+            at = stage.end_time_unix_nano;
+        }
+        assert!(
+            at <= frame.end_time_unix_nano,
+            "frame {i}: stages outlast the frame"
+        );
+        let busy: u64 = stages
+            .iter()
+            .map(|s| s.end_time_unix_nano - s.start_time_unix_nano)
+            .sum();
+        assert!(busy <= frame.end_time_unix_nano - frame.start_time_unix_nano);
+
+        // The frame's batch stage links to the engine batch span, which
+        // links back to the frame and holds the gradient and forward runs.
+        let stage = stages[3];
+        assert_eq!(stage.links.len(), 1, "batch stage links to its engine run");
+        let engine = by_id
+            .get(&stage.links[0].span_id)
+            .unwrap_or_else(|| panic!("frame {i}: engine.batch span not received"));
+        assert_eq!(engine.name, "engine.batch");
+        assert_eq!(
+            attr(engine, "odin.batch_size"),
+            Some(&Value::IntValue(*batch_size))
+        );
+        assert!(
+            engine
+                .links
+                .iter()
+                .any(|l| l.span_id == frame.span_id && l.trace_id == frame.trace_id),
+            "engine.batch links to frame {i}"
+        );
+        assert_eq!(engine.links.len() as i64, *batch_size);
+        let mut runs: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == engine.span_id)
+            .collect();
+        runs.sort_by_key(|s| s.start_time_unix_nano);
+        let runs: Vec<&str> = runs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(runs, ["gradient", "forward"]);
+        assert!(engine.start_time_unix_nano >= stages[2].end_time_unix_nano - 1);
+    }
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+        .parse::<f64>()
+        .expect("number") as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_frame_by_verdict() {
+    let server = TestServer::start(resnet20()).await;
+    let (cifar, tin) = (cifar10_test(), tin_crop());
+    let mut frames = Vec::new();
+    for i in 0..20 {
+        frames.push(raw_frame(format!("c{i}"), &cifar, i));
+        frames.push(raw_frame(format!("t{i}"), &tin, i));
+    }
+    frames.push(Frame {
+        frame_id: "bad".into(),
+        image: Some(Image::Raw(RawImage {
+            width: 2,
+            height: 2,
+            channels: 3,
+            pixels: vec![0; 5],
+        })),
+        ..Frame::default()
+    });
+    let verdicts = detect(&server, frames, None).await;
+    assert_eq!(verdicts.len(), 41);
+    let count = |f: &dyn Fn(&Verdict) -> bool| verdicts.iter().filter(|v| f(v)).count() as u64;
+    let (ins, outs, errors) = (
+        count(&|v| v.error.is_none() && v.in_distribution),
+        count(&|v| v.error.is_none() && !v.in_distribution),
+        count(&|v| v.error.is_some()),
+    );
+    assert!(ins > 0 && outs > 0 && errors == 1, "{ins} in, {outs} out");
+
+    let text = server.scrape().await;
+    assert_eq!(metric(&text, r#"odin_frames_total{verdict="in"}"#), ins);
+    assert_eq!(metric(&text, r#"odin_frames_total{verdict="out"}"#), outs);
+    assert_eq!(metric(&text, r#"odin_frames_total{verdict="error"}"#), 1);
+    assert_eq!(
+        metric(
+            &text,
+            r#"odin_frame_errors_total{reason="RAW_LENGTH_MISMATCH"}"#
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"rpc_server_duration_seconds_count{rpc_system="grpc",rpc_service="odin.v1.Detector",rpc_method="Detect"}"#
+        ),
+        41
+    );
+    for stage in ["receive", "decode", "respond"] {
+        let series = format!(r#"odin_frame_stage_duration_seconds_count{{stage="{stage}"}}"#);
+        assert_eq!(metric(&text, &series), 41, "{stage}");
+    }
+    for stage in ["queue", "batch", "score"] {
+        let series = format!(r#"odin_frame_stage_duration_seconds_count{{stage="{stage}"}}"#);
+        assert_eq!(metric(&text, &series), 40, "{stage}");
+    }
+    // Every judged frame was in exactly one engine run.
+    assert!(metric(&text, "odin_batch_size_sum") == 40);
+    assert_eq!(metric(&text, "odin_frames_in_flight"), 0);
+    assert_eq!(metric(&text, "odin_streams_open"), 0);
+    assert_eq!(metric(&text, "odin_queue_depth"), 0);
+    assert_eq!(metric(&text, "odin_spans_dropped_total"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_receiver_down_serving_goes_on_and_dropped_spans_are_counted() {
+    // A port that was just free: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut config: ServeConfig = resnet20();
+    config.otlp = Some(otlp(format!("http://{closed}")));
+    let server = TestServer::start(config).await;
+    let set = cifar10_test();
+    let frames: Vec<Frame> = (0..64)
+        .map(|i| raw_frame(format!("f{i}"), &set, i))
+        .collect();
+    let verdicts = detect(&server, frames, None).await;
+    assert_eq!(verdicts.len(), 64);
+    assert!(verdicts.iter().all(|v| v.error.is_none()));
+    let mut dropped = 0;
+    for _ in 0..300 {
+        dropped = metric(&server.scrape().await, "odin_spans_dropped_total");
+        if dropped > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped > 0, "no span counted as dropped");
+    let text = server.scrape().await;
+    assert_eq!(metric(&text, "odin_spans_exported_total"), 0);
+    assert_eq!(
+        metric(&text, r#"odin_frames_total{verdict="in"}"#)
+            + metric(&text, r#"odin_frames_total{verdict="out"}"#),
+        64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
+    let (addr, _, pushed) = receivers().await;
+    let mut config = resnet20();
+    config.otlp = Some(OtlpConfig {
+        metrics_interval: Some(Duration::from_millis(100)),
+        ..otlp(format!("http://{addr}"))
+    });
+    let server = TestServer::start(config).await;
+    let set = cifar10_test();
+    let frames: Vec<Frame> = (0..12)
+        .map(|i| raw_frame(format!("f{i}"), &set, i))
+        .collect();
+    let verdicts = detect(&server, frames, None).await;
+    let ins = verdicts.iter().filter(|v| v.in_distribution).count() as i64;
+    // The latest push after the run counts every frame.
+    let mut counts = (-1, -1);
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pushes = pushed.0.lock().await;
+        let Some(last) = pushes.last() else { continue };
+        let resource = last.resource_metrics[0]
+            .resource
+            .as_ref()
+            .expect("resource");
+        assert!(resource
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "service.name"));
+        let metrics = &last.resource_metrics[0].scope_metrics[0].metrics;
+        let frames = metrics
+            .iter()
+            .find(|m| m.name == "odin.frames")
+            .expect("odin.frames pushed");
+        let Some(metric::Data::Sum(sum)) = &frames.data else {
+            panic!("odin.frames is a sum")
+        };
+        assert!(sum.is_monotonic);
+        let count = |verdict: &str| {
+            sum.data_points
+                .iter()
+                .find(|p| {
+                    p.attributes.iter().any(|kv| {
+                        kv.key == "verdict"
+                            && kv
+                                .value
+                                .as_ref()
+                                .and_then(|v| v.value.as_ref())
+                                .and_then(string)
+                                == Some(verdict.to_string())
+                    })
+                })
+                .and_then(|p| match p.value {
+                    Some(number_data_point::Value::AsInt(v)) => Some(v),
+                    _ => None,
+                })
+                .expect("a point per verdict")
+        };
+        counts = (count("in"), count("out"));
+        if counts.0 + counts.1 == 12 {
+            break;
+        }
+    }
+    assert_eq!(counts, (ins, 12 - ins));
+    assert!(
+        server
+            .telemetry
+            .metrics()
+            .frames(odin_sidecar::telemetry::Outcome::In) as i64
+            == ins
+    );
+}
+
+/// The real binary, configured the way an operator would: `ODIN_OTLP=1` and
+/// the standard `OTEL_*` variables (set on the child only), `--metrics-addr`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
+    use odin_sidecar::wire::detector_client::DetectorClient;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let (receiver_addr, received) = receiver().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .env("ODIN_OTLP", "1")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{receiver_addr}"),
+        )
+        .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut grpc, mut metrics) = (None, None);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("reads") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+            if line.contains("Prometheus") {
+                metrics = addr;
+            } else if line.contains("serving odin.v1.Detector") {
+                grpc = addr;
+                break;
+            }
+        }
+    })
+    .await
+    .expect("serves within a minute");
+    let (grpc, metrics) = (
+        grpc.expect("gRPC address"),
+        metrics.expect("metrics address"),
+    );
+
+    // The sampler is parent-based: a sampled caller's frame is traced, an
+    // unsampled one (flags 00) is not.
+    let mut client = DetectorClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connects");
+    let set = cifar10_test();
+    for (i, flags) in ["01", "00"].iter().enumerate() {
+        let mut request = tonic::Request::new(raw_frame(format!("u{i}"), &set, i));
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{CALL_TRACE}-{CALL_SPAN}-{flags}")
+                .parse()
+                .expect("ascii"),
+        );
+        let verdict = client
+            .detect_one(request)
+            .await
+            .expect("verdict")
+            .into_inner();
+        assert!(verdict.error.is_none());
+    }
+    let mut spans = Vec::new();
+    for _ in 0..200 {
+        spans = received.0.lock().await.clone();
+        if spans.iter().any(|(_, s)| s.name == "respond") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frames: Vec<&Span> = spans
+        .iter()
+        .filter(|(_, s)| s.name == "frame")
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(frames.len(), 1, "only the sampled caller's frame is traced");
+    assert_eq!(
+        attr(frames[0], "odin.frame_id").and_then(string).as_deref(),
+        Some("u0")
+    );
+    assert_eq!(
+        attr(frames[0], "rpc.method").and_then(string).as_deref(),
+        Some("DetectOne")
+    );
+    assert_eq!(hex(&frames[0].parent_span_id), CALL_SPAN);
+    assert!(spans.iter().all(|(service, _)| service == "cam-7-sidecar"));
+
+    // /metrics over plain HTTP, and a 404 elsewhere.
+    let get = |path: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&metrics)
+                .await
+                .expect("connects");
+            stream
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("writes");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("reads");
+            response
+        }
+    };
+    let response = get("/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.contains("text/plain; version=0.0.4"));
+    let body = response.split_once("\r\n\r\n").expect("body").1;
+    let judged = metric(body, r#"odin_frames_total{verdict="in"}"#)
+        + metric(body, r#"odin_frames_total{verdict="out"}"#);
+    assert_eq!(judged, 2);
+    assert_eq!(
+        metric(
+            body,
+            r#"rpc_server_duration_seconds_count{rpc_system="grpc",rpc_service="odin.v1.Detector",rpc_method="DetectOne"}"#
+        ),
+        2
+    );
+    assert!(get("/").await.starts_with("HTTP/1.1 404"));
+
+    let pid = child.id().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
+    let (addr, received) = receiver().await;
+    let mut config = resnet20();
+    config.otlp = Some(OtlpConfig {
+        // Room for 5 spans, and no scheduled export during the run.
+        max_queue: Some(5),
+        schedule_delay: Some(Duration::from_secs(3600)),
+        ..otlp(format!("http://{addr}"))
+    });
+    let server = TestServer::start(config).await;
+    let set = cifar10_test();
+    let frames: Vec<Frame> = (0..8)
+        .map(|i| raw_frame(format!("f{i}"), &set, i))
+        .collect();
+    let verdicts = detect(&server, frames, None).await;
+    assert_eq!(verdicts.len(), 8);
+    assert!(verdicts.iter().all(|v| v.error.is_none()));
+    let telemetry = Arc::clone(&server.telemetry);
+    tokio::task::spawn_blocking(move || telemetry.flush())
+        .await
+        .expect("flush");
+    let text = server.scrape().await;
+    let (dropped, exported) = (
+        metric(&text, "odin_spans_dropped_total"),
+        metric(&text, "odin_spans_exported_total"),
+    );
+    // 8 frames make 56 frame and stage spans, plus the engine batches'.
+    assert_eq!(exported, 5, "the queue held 5");
+    assert!(dropped >= 56 - 5, "dropped {dropped}");
+    assert_eq!(received.0.lock().await.len(), 5);
+}
