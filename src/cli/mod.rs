@@ -118,7 +118,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", env = "ODIN_DEVICE")]
     pub device: Device,
     /// Intra-op threads per session (0 = ONNX Runtime's choice).
-    #[arg(long, default_value_t = 0, env = "ODIN_THREADS")]
+    #[arg(long, default_value_t = config::DEFAULT_INTRA_THREADS, env = "ODIN_THREADS")]
     pub threads: usize,
     /// Engine worker threads, one ONNX Runtime session each.
     #[arg(long, default_value_t = config::DEFAULT_WORKERS, env = "ODIN_WORKERS")]
