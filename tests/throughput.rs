@@ -209,3 +209,54 @@ async fn loadgen_reports_consistent_counts_against_a_real_server() {
         assert!(report.csv().lines().count() == 2 && report.table().contains("p99.9"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
+    let mut config = resnet20();
+    config.max_unary_in_flight = 2;
+    config.workers = 1;
+    let server = TestServer::start(config).await;
+    let cifar = cifar10_test();
+    // 32 calls at once on one connection: at most 2 are admitted at a time.
+    let client = server.client().await;
+    let start = Arc::new(tokio::sync::Barrier::new(32));
+    let mut calls = Vec::new();
+    for i in 0..32 {
+        let (mut client, start) = (client.clone(), Arc::clone(&start));
+        let frame = Frame {
+            frame_id: i.to_string(),
+            image: Some(Image::Raw(cifar.raw(i))),
+            ..Frame::default()
+        };
+        calls.push(tokio::spawn(async move {
+            start.wait().await;
+            client.detect_one(frame).await
+        }));
+    }
+    let (mut served, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.expect("call task") {
+            Ok(v) => {
+                assert!(v.into_inner().error.is_none());
+                served += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("too many DetectOne calls"));
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(served + shed, 32);
+    assert!(served >= 2 && shed >= 1, "served {served}, shed {shed}");
+    // Streams are not subject to the unary limit.
+    let frames: Vec<Frame> = (0..40)
+        .map(|i| Frame {
+            frame_id: i.to_string(),
+            image: Some(Image::Raw(cifar.raw(i))),
+            ..Frame::default()
+        })
+        .collect();
+    let verdicts = detect_all(server.client().await, frames).await;
+    assert_eq!(verdicts.len(), 40);
+}
