@@ -286,15 +286,13 @@ impl Engine {
         };
         let [c, h, w] = self.chw;
         let classes = self.shape.classes;
-        let gradient = self.gradient.as_mut().ok_or_else(no_gradient)?;
-        let g_out = run_gradient(
-            gradient,
-            &self.shape.input_name,
+        let (logits, g_out) = run_gradient(
+            &mut self.gradient,
+            &self.shape,
             [batch, c, h, w],
             input,
             perturbation,
         )?;
-        let logits = extract(&g_out, graph_names::LOGITS, batch * classes)?.to_vec();
         let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?;
         let gradient_time = started.elapsed();
         let x2 = TensorRef::from_array_view(([batch, c, h, w], perturbed)).map_err(ort_error)?;
@@ -327,16 +325,13 @@ impl Engine {
         perturbation: Perturbation,
     ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         let [c, h, w] = self.chw;
-        let classes = self.shape.classes;
-        let gradient = self.gradient.as_mut().ok_or_else(no_gradient)?;
-        let g_out = run_gradient(
-            gradient,
-            &self.shape.input_name,
+        let (logits, g_out) = run_gradient(
+            &mut self.gradient,
+            &self.shape,
             [batch, c, h, w],
             input,
             perturbation,
         )?;
-        let logits = extract(&g_out, graph_names::LOGITS, batch * classes)?.to_vec();
         let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?.to_vec();
         Ok((logits, perturbed))
     }
@@ -346,27 +341,31 @@ fn no_gradient() -> EngineError {
     EngineError::Model("no gradient graph is loaded; ODIN is unavailable".into())
 }
 
-/// One run of the gradient graph G on an NCHW batch.
+/// One run of the gradient graph G on an NCHW batch: its logits, and the
+/// outputs still borrowed, so `perturbed` can feed the next run uncopied.
 fn run_gradient<'s>(
-    gradient: &'s mut Session,
-    input_name: &str,
-    shape: [usize; 4],
+    gradient: &'s mut Option<Session>,
+    shape: &ModelShape,
+    dims: [usize; 4],
     input: &[f32],
     perturbation: Perturbation,
-) -> Result<ort::session::SessionOutputs<'s>, EngineError> {
-    let x = TensorRef::from_array_view((shape, input)).map_err(ort_error)?;
+) -> Result<(Vec<f32>, ort::session::SessionOutputs<'s>), EngineError> {
+    let gradient = gradient.as_mut().ok_or_else(no_gradient)?;
+    let x = TensorRef::from_array_view((dims, input)).map_err(ort_error)?;
     let temperature = [perturbation.temperature];
     let epsilon = [perturbation.epsilon];
     // ONNX Runtime accepts shape [1] for the scalar inputs G declares.
     let t = TensorRef::from_array_view(([1usize], &temperature[..])).map_err(ort_error)?;
     let e = TensorRef::from_array_view(([1usize], &epsilon[..])).map_err(ort_error)?;
-    gradient
+    let outputs = gradient
         .run(ort::inputs![
-            input_name => x,
+            shape.input_name.as_str() => x,
             graph_names::TEMPERATURE => t,
             graph_names::EPSILON => e,
         ])
-        .map_err(ort_error)
+        .map_err(ort_error)?;
+    let logits = extract(&outputs, graph_names::LOGITS, dims[0] * shape.classes)?.to_vec();
+    Ok((logits, outputs))
 }
 
 /// The f32 output `name` of a run, checked to hold `len` values.
