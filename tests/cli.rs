@@ -99,6 +99,28 @@ fn info_describes_the_built_in_model() {
     assert_eq!(info["name"], "cifar10_cnn");
     assert_eq!(info["execution_provider"], "CPUExecutionProvider");
     assert_eq!(info["labels"].as_array().expect("labels").len(), 10);
+    // With no scoring flags the built-in model serves its own calibration.
+    let calibration: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_dir().join("models/cifar10_cnn.calibration.json"))
+            .expect("calibration"),
+    )
+    .expect("JSON");
+    assert_eq!(info["scoring"]["method"], calibration["method"]);
+    for field in ["temperature", "epsilon", "threshold"] {
+        let (got, want) = (info["scoring"][field].as_f64(), calibration[field].as_f64());
+        // Served values are f32: compare at f32 precision.
+        assert_eq!(got.map(|v| v as f32), want.map(|v| v as f32), "{field}");
+    }
+    let output = Command::new(BIN)
+        .args(["info", "--device", "cpu", "--method", "msp"])
+        .output()
+        .expect("runs");
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        info["scoring"]["method"], "msp",
+        "a scoring flag replaces the built-in calibration"
+    );
+    assert_eq!(info["scoring"]["threshold"], 0.5);
 }
 
 #[test]

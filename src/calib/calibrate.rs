@@ -77,13 +77,21 @@ pub enum CalibrationError {
 impl Calibration {
     /// Reads a calibration file.
     pub fn load(path: &Path) -> Result<Calibration, CalibrationError> {
-        let invalid = |detail: String| CalibrationError::Invalid {
+        let text = std::fs::read_to_string(path).map_err(|e| CalibrationError::Invalid {
             path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Calibration::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks calibration JSON; `name` only names it in errors.
+    pub fn parse(text: &str, name: &str) -> Result<Calibration, CalibrationError> {
+        let invalid = |detail: String| CalibrationError::Invalid {
+            path: name.to_string(),
             detail,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
         let calibration: Calibration =
-            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         calibration.method.parse::<Method>().map_err(invalid)?;
         if !(calibration.temperature > 0.0
             && calibration.epsilon >= 0.0

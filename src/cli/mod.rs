@@ -16,9 +16,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::calib::calibrate::Calibration;
 use crate::config::{self, ServeConfig};
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
+use crate::model::DEFAULT_MODEL_CALIBRATION;
 use crate::pipeline::BatchOptions;
 use crate::score::Method;
 
@@ -135,18 +137,19 @@ pub struct ModelArgs {
     /// Longest a frame waits for a batch to fill, in milliseconds.
     #[arg(long, default_value_t = 0.0, env = "ODIN_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: f64,
-    /// Scoring method: msp, maxlogit or energy.
-    #[arg(long, default_value = "msp", env = "ODIN_METHOD")]
-    pub method: Method,
-    /// Softmax temperature T.
-    #[arg(long, default_value_t = 1.0, env = "ODIN_TEMPERATURE")]
-    pub temperature: f32,
-    /// Decision threshold δ: in-distribution iff score ≥ δ.
-    #[arg(long, default_value_t = config::DEFAULT_THRESHOLD, env = "ODIN_THRESHOLD")]
-    pub threshold: f32,
-    /// ODIN perturbation size ε in [0, 1] pixel units (odin and energy).
-    #[arg(long, default_value_t = 0.0, env = "ODIN_EPSILON")]
-    pub epsilon: f32,
+    /// Scoring method: odin, msp, energy or maxlogit [default: msp; for the
+    /// built-in model with none of these four flags: its calibration, odin].
+    #[arg(long, env = "ODIN_METHOD")]
+    pub method: Option<Method>,
+    /// Softmax temperature T [default: 1].
+    #[arg(long, env = "ODIN_TEMPERATURE")]
+    pub temperature: Option<f32>,
+    /// Decision threshold δ: in-distribution iff score ≥ δ [default: 0.5, uncalibrated].
+    #[arg(long, env = "ODIN_THRESHOLD")]
+    pub threshold: Option<f32>,
+    /// ODIN perturbation size ε in [0, 1] pixel units (odin and energy) [default: 0].
+    #[arg(long, env = "ODIN_EPSILON")]
+    pub epsilon: Option<f32>,
     /// A calibration file from `calibrate`: sets method, T, ε and threshold.
     #[arg(
         long,
@@ -183,21 +186,33 @@ impl ModelArgs {
                 max_queue_delay: Duration::from_secs_f64(self.max_queue_delay_ms / 1000.0),
                 ..defaults.batch
             },
-            method: self.method,
-            temperature: self.temperature,
-            epsilon: self.epsilon,
-            threshold: self.threshold,
+            method: self.method.unwrap_or(defaults.method),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            epsilon: self.epsilon.unwrap_or(defaults.epsilon),
+            threshold: self.threshold.unwrap_or(defaults.threshold),
             decode_threads: self.decode_threads,
             max_unary_in_flight: self.max_unary_in_flight,
             ..defaults
         };
-        if let Some(path) = &self.calibration {
-            let calibration = crate::calib::calibrate::Calibration::load(path)?;
+        let scoring_flags = self.method.is_some()
+            || self.temperature.is_some()
+            || self.epsilon.is_some()
+            || self.threshold.is_some();
+        let calibration = match (&self.calibration, &self.model) {
+            (Some(path), _) => Some((Calibration::load(path)?, path.display().to_string())),
+            // The built-in model ships calibrated, so `serve` alone gives ODIN verdicts.
+            (None, None) if !scoring_flags => Some((
+                Calibration::parse(DEFAULT_MODEL_CALIBRATION, "<embedded>")?,
+                "built-in calibration (models/cifar10_cnn.calibration.json)".to_string(),
+            )),
+            _ => None,
+        };
+        if let Some((calibration, source)) = calibration {
             config.method = calibration.method();
             config.temperature = calibration.temperature;
             config.epsilon = calibration.epsilon;
             config.threshold = calibration.threshold;
-            config.threshold_source = path.display().to_string();
+            config.threshold_source = source;
         }
         Ok(config)
     }

@@ -14,6 +14,10 @@ pub use card::{ChannelOrder, ModelCard, Resize};
 pub const DEFAULT_MODEL_ONNX: &[u8] = include_bytes!("../../models/cifar10_cnn.onnx");
 /// The default model's card.
 pub const DEFAULT_MODEL_CARD: &str = include_str!("../../models/cifar10_cnn.card.json");
+/// The default model's calibration (`calibrate` output), used by `serve`
+/// when no scoring flags are given.
+pub const DEFAULT_MODEL_CALIBRATION: &str =
+    include_str!("../../models/cifar10_cnn.calibration.json");
 
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq)]

@@ -85,13 +85,21 @@ fn model_flags(args: &ModelArgs) -> Vec<String> {
     if let Some(c) = &args.card {
         flags.extend(["--card".into(), c.display().to_string()]);
     }
+    let scoring = [
+        ("--method", args.method.map(|m| m.to_string())),
+        ("--temperature", args.temperature.map(|t| t.to_string())),
+        ("--epsilon", args.epsilon.map(|e| e.to_string())),
+        ("--threshold", args.threshold.map(|t| t.to_string())),
+    ];
+    for (flag, value) in scoring {
+        if let Some(value) = value {
+            flags.extend([flag.to_string(), value]);
+        }
+    }
+    if let Some(c) = &args.calibration {
+        flags.extend(["--calibration".into(), c.display().to_string()]);
+    }
     flags.extend([
-        "--method".into(),
-        args.method.to_string(),
-        "--temperature".into(),
-        args.temperature.to_string(),
-        "--epsilon".into(),
-        args.epsilon.to_string(),
         "--threads".into(),
         args.threads.to_string(),
         "--workers".into(),
