@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use odin_sidecar::engine::{Device, Engine, EngineOptions};
-use odin_sidecar::model::Model;
+use odin_sidecar::engine::Device;
 use odin_sidecar::wire::{frame::Image, Frame, GetModelInfoRequest, RawImage, Tensor, Verdict};
 use tokio_stream::StreamExt;
 
@@ -26,15 +25,7 @@ async fn detect_all(server: &TestServer, frames: Vec<Frame>) -> Vec<Verdict> {
 async fn every_image_form_gets_the_models_own_answer() {
     let config = resnet20();
     let server = TestServer::start(config.clone()).await;
-    let mut engine = Engine::load(
-        &Model::load(&config.model).expect("model"),
-        None,
-        &EngineOptions {
-            device: Device::Cpu,
-            intra_threads: 1,
-        },
-    )
-    .expect("engine");
+    let mut engine = reference_engine(&config);
 
     let (cifar, tin) = (cifar10_test(), tin_crop());
     let mut frames = Vec::new();
@@ -409,18 +400,7 @@ async fn scoring_overrides_apply_per_frame_and_out_of_bounds_ones_are_rejected()
     let reason = |i: usize| v[i].error.as_ref().map(|e| e.reason.clone());
     // Energy: T·logsumexp(z/T) at T = 1 of the model's own logits.
     let logits = {
-        let config = resnet20();
-        let model = Model::load(&config.model).expect("model");
-        let mut engine = Engine::load(
-            &model,
-            None,
-            &EngineOptions {
-                device: Device::Cpu,
-                intra_threads: 1,
-            },
-        )
-        .expect("engine");
-        engine
+        reference_engine(&resnet20())
             .logits(&normalize(cifar.pixels(3), &MEAN, &STD), 1)
             .expect("runs")
     };

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use odin_sidecar::calib::sets::SplitMix64;
-use odin_sidecar::engine::{Device, Engine, EngineOptions};
 use odin_sidecar::loadgen::{self, LoadConfig, Mode, Pacing, Target};
 use odin_sidecar::model::{Model, ModelCard, ModelSource, Resize};
 use odin_sidecar::pipeline::Preprocessor;
@@ -73,15 +72,7 @@ async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
     // The same frames one at a time, in-process, at batch 1.
     let model = Model::load(&config.model).expect("model");
     let pre = Preprocessor::new(&model.card.input);
-    let mut engine = Engine::load(
-        &model,
-        None,
-        &EngineOptions {
-            device: Device::Cpu,
-            intra_threads: 1,
-        },
-    )
-    .expect("engine");
+    let mut engine = reference_engine(&config);
     let mut expected = std::collections::HashMap::new();
     for frame in streams.iter().flatten() {
         let logits = engine

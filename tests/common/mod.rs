@@ -162,14 +162,18 @@ pub fn reference_max_softmax(logits: &[f32]) -> f64 {
     1.0 / sum
 }
 
-pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best
+#[allow(unused_imports)]
+pub use odin_sidecar::score::argmax;
+
+/// A single-threaded CPU engine for `config`'s model, without the gradient
+/// graph: the in-process reference the served answers are checked against.
+pub fn reference_engine(config: &ServeConfig) -> odin_sidecar::engine::Engine {
+    let model = odin_sidecar::model::Model::load(&config.model).expect("model loads");
+    let options = odin_sidecar::engine::EngineOptions {
+        device: odin_sidecar::engine::Device::Cpu,
+        intra_threads: 1,
+    };
+    odin_sidecar::engine::Engine::load(&model, None, &options).expect("engine builds")
 }
 
 pub fn encode(pixels: &[u8], width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
