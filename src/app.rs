@@ -64,10 +64,16 @@ impl App {
                 "workers and max batch must be at least 1".into(),
             ));
         }
-        if !(config.temperature > 0.0) {
+        if !(config.temperature > 0.0 && config.temperature.is_finite()) {
             return Err(StartError::Config(format!(
                 "temperature must be > 0, got {}",
                 config.temperature
+            )));
+        }
+        if !(config.epsilon >= 0.0 && config.epsilon.is_finite()) {
+            return Err(StartError::Config(format!(
+                "epsilon must be >= 0, got {}",
+                config.epsilon
             )));
         }
         let model = Model::load(&config.model)?;
