@@ -187,14 +187,5 @@ async fn serve_with_no_model_serves_the_built_in_classifier() {
     // A trained classifier, not a stub: well above the 10% of chance.
     assert!(correct >= 25, "{correct}/50 correct");
 
-    let pid = child.id().expect("pid");
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
-    assert!(status.success(), "{status:?}");
+    terminate(child).await;
 }

@@ -679,16 +679,7 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     );
     assert!(get("/").await.starts_with("HTTP/1.1 404"));
 
-    let pid = child.id().expect("pid");
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
-    assert!(status.success());
+    terminate(child).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,3 +201,18 @@ pub async fn detect_all(
     }
     verdicts
 }
+
+/// Stops a `serve` process the way an orchestrator does (SIGTERM) and
+/// asserts that it drains and exits cleanly within 30 s.
+pub async fn terminate(mut child: tokio::process::Child) {
+    let pid = child.id().expect("still running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within 30 s")
+        .expect("exit status");
+    assert!(status.success(), "{status:?}");
+}
