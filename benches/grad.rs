@@ -14,26 +14,16 @@ mod support;
 use std::time::{Duration, Instant};
 
 use odin_sidecar::grad::{derive, GradOptions};
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::Session;
 use ort::value::Tensor;
 
 fn session(bytes: &[u8], threads: usize) -> Session {
-    let env =
-        odin_sidecar::engine::runtime::environment().expect("ONNX Runtime (run scripts/setup.sh)");
-    let build = || -> Result<Session, String> {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
-        Session::builder(env)
-            .map_err(|x| e(&x))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(|x| e(&x))?
-            .with_intra_threads(threads)
-            .map_err(|x| e(&x))?
-            .with_intra_op_spinning(spinning())
-            .map_err(|x| e(&x))?
-            .commit_from_memory(bytes)
-            .map_err(|x| e(&x))
+    let options = odin_sidecar::runtime::SessionOptions {
+        intra_threads: threads,
+        spinning: spinning(),
+        ..Default::default()
     };
-    build().expect("session")
+    odin_sidecar::runtime::session(bytes, &options).expect("session (run scripts/setup.sh)")
 }
 
 /// `ODIN_BENCH_SPIN=0` turns off ONNX Runtime's busy-waiting worker

@@ -18,6 +18,7 @@ pub mod loadgen;
 pub mod model;
 pub mod onnx;
 pub mod pipeline;
+pub mod runtime;
 pub mod score;
 pub mod server;
 pub mod telemetry;

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use ort::session::Session;
 use ort::value::Tensor;
 
 use crate::grad::{self, names, GradOptions};
@@ -74,9 +73,7 @@ pub async fn run(args: ExportGradArgs) -> anyhow::Result<ExitCode> {
 /// and returns the largest logit difference; fails when an output is
 /// missing, misshapen or not finite.
 pub fn check(model: &[u8], derived: &[u8]) -> anyhow::Result<f32> {
-    let env = crate::engine::runtime::environment()?;
-    let session =
-        |b: &[u8]| -> anyhow::Result<Session> { Ok(Session::builder(env)?.commit_from_memory(b)?) };
+    let session = |b: &[u8]| crate::runtime::session(b, &crate::runtime::SessionOptions::default());
     let mut plain = session(model)?;
     let mut g = session(derived)?;
     let input = plain.inputs().first().context("the model has no input")?;

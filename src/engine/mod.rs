@@ -8,29 +8,16 @@
 //! On CPU the perturbed batch goes from G's output buffer straight into the
 //! second run, without a copy.
 
-pub mod runtime;
-
 use std::fmt;
 use std::str::FromStr;
 
-use ort::ep;
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::Session;
 use ort::value::{TensorRef, ValueType};
 
+use crate::grad::names as graph_names;
 use crate::model::Model;
+use crate::runtime::{self, RuntimeError, SessionOptions};
 use crate::score::Perturbation;
-
-/// Names of the gradient graph's extra inputs and outputs (see `crate::grad`).
-pub mod graph_names {
-    /// Scalar temperature input of G.
-    pub const TEMPERATURE: &str = "temperature";
-    /// Scalar ε input of G.
-    pub const EPSILON: &str = "epsilon";
-    /// Logits output of G (the unperturbed forward pass).
-    pub const LOGITS: &str = "logits";
-    /// Perturbed input output of G.
-    pub const PERTURBED: &str = "perturbed";
-}
 
 /// Which execution provider to ask for (`--device auto|cpu|cuda[:N]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,9 +81,9 @@ pub struct EngineOptions {
 /// Why an engine could not be built or run.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// ONNX Runtime itself is not available.
+    /// ONNX Runtime itself is not available, or refused the model.
     #[error(transparent)]
-    Runtime(#[from] runtime::RuntimeError),
+    Runtime(#[from] RuntimeError),
     /// CUDA was required but could not be registered.
     #[error(
         "--device cuda:{device} was requested but the CUDA execution provider could not be registered: {detail} \
@@ -173,32 +160,27 @@ impl Engine {
         gradient: Option<&[u8]>,
         options: &EngineOptions,
     ) -> Result<Engine, EngineError> {
-        let env = runtime::environment()?;
+        let on = |cuda: Option<i32>| SessionOptions {
+            intra_threads: options.intra_threads,
+            cuda,
+            ..SessionOptions::default()
+        };
         let (session, provider) = match options.device {
-            Device::Cpu => (
-                build_session(env, &model.onnx, options, None)?,
-                Provider::Cpu,
-            ),
-            Device::Cuda(n) => {
-                let session =
-                    build_session(env, &model.onnx, options, Some(n)).map_err(|e| match e {
-                        EngineError::Ort(detail) => {
-                            EngineError::CudaUnavailable { device: n, detail }
-                        }
-                        other => other,
-                    })?;
-                (session, Provider::Cuda(n))
-            }
-            Device::Auto => match build_session(env, &model.onnx, options, Some(0)) {
-                Ok(session) => (session, Provider::Cuda(0)),
-                Err(EngineError::Ort(detail)) => {
-                    tracing::debug!(%detail, "CUDA provider not registered");
-                    (
-                        build_session(env, &model.onnx, options, None)?,
-                        Provider::Cpu,
-                    )
+            Device::Cpu => (runtime::session(&model.onnx, &on(None))?, Provider::Cpu),
+            Device::Cuda(n) => match runtime::session(&model.onnx, &on(Some(n))) {
+                Ok(session) => (session, Provider::Cuda(n)),
+                Err(RuntimeError::Session(detail)) => {
+                    return Err(EngineError::CudaUnavailable { device: n, detail })
                 }
-                Err(other) => return Err(other),
+                Err(other) => return Err(other.into()),
+            },
+            Device::Auto => match runtime::session(&model.onnx, &on(Some(0))) {
+                Ok(session) => (session, Provider::Cuda(0)),
+                Err(RuntimeError::Session(detail)) => {
+                    tracing::debug!(%detail, "CUDA provider not registered");
+                    (runtime::session(&model.onnx, &on(None))?, Provider::Cpu)
+                }
+                Err(other) => return Err(other.into()),
             },
         };
         let cuda = match provider {
@@ -206,7 +188,7 @@ impl Engine {
             Provider::Cpu => None,
         };
         let gradient = gradient
-            .map(|bytes| build_session(env, bytes, options, cuda))
+            .map(|bytes| runtime::session(bytes, &on(cuda)))
             .transpose()?;
         let shape = model_shape(&session)?;
         let c = &model.card.input;
@@ -385,33 +367,6 @@ fn extract<'a>(
         )));
     }
     Ok(data)
-}
-
-fn build_session(
-    env: &ort::environment::Environment,
-    onnx: &[u8],
-    options: &EngineOptions,
-    cuda: Option<i32>,
-) -> Result<Session, EngineError> {
-    let mut builder = Session::builder(env)
-        .map_err(ort_error)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(ort_error)?;
-    if options.intra_threads > 0 {
-        builder = builder
-            .with_intra_threads(options.intra_threads)
-            .map_err(ort_error)?;
-    }
-    if let Some(device) = cuda {
-        let cuda = ep::CUDA::default()
-            .with_device_id(device)
-            .build()
-            .error_on_failure();
-        builder = builder
-            .with_execution_providers([cuda])
-            .map_err(ort_error)?;
-    }
-    builder.commit_from_memory(onnx).map_err(ort_error)
 }
 
 /// Reads the input name/shape and checks the output is `[N, K]` float logits.

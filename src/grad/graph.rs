@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::{Tensor, TensorElementType, ValueType};
 
 use crate::onnx::{tensor_proto::DataType, GraphProto, ModelProto, TensorProto, ValueInfoProto};
@@ -236,15 +235,12 @@ pub fn probe(
     }
     let mut bytes = Vec::new();
     prost::Message::encode(&probed, &mut bytes).map_err(runtime_error)?;
-    let env = crate::engine::runtime::environment().map_err(runtime_error)?;
-    let mut session = Session::builder(env)
-        .map_err(runtime_error)?
-        .with_optimization_level(GraphOptimizationLevel::Disable)
-        .map_err(runtime_error)?
-        .with_intra_threads(1)
-        .map_err(runtime_error)?
-        .commit_from_memory(&bytes)
-        .map_err(runtime_error)?;
+    // Unoptimized: the probe reads every intermediate tensor as written.
+    let options = crate::runtime::SessionOptions {
+        optimize: false,
+        ..Default::default()
+    };
+    let mut session = crate::runtime::session(&bytes, &options).map_err(runtime_error)?;
     let n: usize = shape
         .iter()
         .product::<i64>()

@@ -4,33 +4,26 @@
 
 use std::path::PathBuf;
 
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::Session;
 use ort::value::Tensor;
 
 /// Builds a CPU session (two intra-op threads: the machine has two cores).
 pub fn session(bytes: &[u8]) -> Session {
-    let env =
-        odin_sidecar::engine::runtime::environment().expect("ONNX Runtime (run scripts/setup.sh)");
-    Session::builder(env)
-        .unwrap()
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .unwrap()
-        .with_intra_threads(2)
-        .unwrap()
-        .commit_from_memory(bytes)
-        .unwrap()
+    try_session_with(bytes, 2).expect("ONNX Runtime session (run scripts/setup.sh)")
 }
 
 /// Like [`session`] but returns ONNX Runtime's error (e.g. a kernel with no
 /// double implementation).
 pub fn try_session(bytes: &[u8]) -> Result<Session, String> {
-    let env = odin_sidecar::engine::runtime::environment().map_err(|e| e.to_string())?;
-    Session::builder(env)
-        .map_err(|e| e.to_string())?
-        .with_intra_threads(1)
-        .map_err(|e| e.to_string())?
-        .commit_from_memory(bytes)
-        .map_err(|e| e.to_string())
+    try_session_with(bytes, 1)
+}
+
+fn try_session_with(bytes: &[u8], intra_threads: usize) -> Result<Session, String> {
+    let options = odin_sidecar::runtime::SessionOptions {
+        intra_threads,
+        ..Default::default()
+    };
+    odin_sidecar::runtime::session(bytes, &options).map_err(|e| e.to_string())
 }
 
 /// Element types the tests run models in.

@@ -1,4 +1,7 @@
-//! Finding and loading the ONNX Runtime shared library.
+//! ONNX Runtime at the bottom of the stack: finding and loading the shared
+//! library, the process-wide environment, and the one session builder every
+//! part of the crate uses (the engine, the gradient pass's probe run, the
+//! `export-grad` check, tests and benchmarks).
 //!
 //! `ort` is built with `load-dynamic`: nothing is downloaded at build time
 //! (its CDN is unreachable behind many firewalls). The library comes from the
@@ -11,6 +14,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
+use ort::ep;
+use ort::session::{builder::GraphOptimizationLevel, Session};
 
 /// Environment variable naming the library file explicitly.
 pub const ENV_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
@@ -40,6 +45,10 @@ pub enum RuntimeError {
         /// What ort reported.
         detail: String,
     },
+    /// ONNX Runtime refused to build a session (bad model, or an execution
+    /// provider that cannot be registered).
+    #[error("ONNX Runtime: {0}")]
+    Session(String),
 }
 
 /// Where the library was found and why.
@@ -150,6 +159,68 @@ pub fn environment() -> Result<&'static Environment, RuntimeError> {
     })
     .as_ref()
     .map_err(Clone::clone)
+}
+
+/// How to build one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Intra-op threads (0 lets ONNX Runtime choose).
+    pub intra_threads: usize,
+    /// Whether ONNX Runtime optimizes the graph. Serving wants it; a probe
+    /// run that reads intermediate tensors must see the graph as written.
+    pub optimize: bool,
+    /// Whether idle intra-op threads busy-wait (ONNX Runtime's default). On a
+    /// shared machine a spinning thread competes with everything else.
+    pub spinning: bool,
+    /// Register the CUDA execution provider on this device; failing to
+    /// register it is an error.
+    pub cuda: Option<i32>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            intra_threads: 1,
+            optimize: true,
+            spinning: true,
+            cuda: None,
+        }
+    }
+}
+
+/// Builds a session for the ONNX model `onnx` on the shared environment.
+pub fn session(onnx: &[u8], options: &SessionOptions) -> Result<Session, RuntimeError> {
+    let env = environment()?;
+    fn failed(e: impl std::fmt::Display) -> RuntimeError {
+        RuntimeError::Session(e.to_string())
+    }
+    let level = if options.optimize {
+        GraphOptimizationLevel::Level3
+    } else {
+        GraphOptimizationLevel::Disable
+    };
+    let mut builder = Session::builder(env)
+        .map_err(failed)?
+        .with_optimization_level(level)
+        .map_err(failed)?;
+    if options.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(options.intra_threads)
+            .map_err(failed)?;
+    }
+    if !options.spinning {
+        builder = builder.with_intra_op_spinning(false).map_err(failed)?;
+    }
+    if let Some(device) = options.cuda {
+        let cuda = ep::CUDA::default()
+            .with_device_id(device)
+            .build()
+            .error_on_failure();
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(failed)?;
+    }
+    builder.commit_from_memory(onnx).map_err(failed)
 }
 
 #[cfg(test)]
