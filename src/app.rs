@@ -7,18 +7,17 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
-use tonic_health::server::HealthReporter;
 
 use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
+use crate::domain::{ModelInfo, ScoringInfo};
 use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
 use crate::pipeline::{Batcher, Pipeline, Preprocessor, ScoringOptions};
-use crate::server::DetectorService;
+use crate::server::{self, stack, DetectorService, Health};
 use crate::telemetry::{ServedModel, Telemetry};
-use crate::wire::{self, detector_server::DetectorServer, ModelInfo};
+use crate::wire::odin_v1::{self, detector_server::DetectorServer};
 
-/// Why the sidecar could not start.
+/// Why the sidecar could not start, or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The model or its card.
@@ -32,13 +31,22 @@ pub enum StartError {
     Gradient(String),
     /// Reflection could not index the descriptors.
     #[error("gRPC reflection: {0}")]
-    Reflection(String),
+    Reflection(#[from] tonic_reflection::server::Error),
     /// A configuration value is out of range.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The OTLP exporter could not be set up.
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// The thread that loads the engines panicked.
+    #[error("engine loader failed: {0}")]
+    Loader(String),
 }
 
 /// A loaded, warmed-up sidecar, ready to serve.
@@ -46,7 +54,10 @@ pub struct App {
     pipeline: Arc<Pipeline>,
     info: ModelInfo,
     window: usize,
-    max_unary_in_flight: usize,
+    stack: stack::StackOptions,
+    health: Health,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 impl std::fmt::Debug for App {
@@ -59,23 +70,7 @@ impl App {
     /// Loads the model, builds one warmed-up engine per worker and starts
     /// the batcher. Must run inside a tokio runtime.
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
-        if config.workers == 0 || config.batch.max_batch == 0 {
-            return Err(StartError::Config(
-                "workers and max batch must be at least 1".into(),
-            ));
-        }
-        if !(config.temperature > 0.0 && config.temperature.is_finite()) {
-            return Err(StartError::Config(format!(
-                "temperature must be > 0, got {}",
-                config.temperature
-            )));
-        }
-        if !(config.epsilon >= 0.0 && config.epsilon.is_finite()) {
-            return Err(StartError::Config(format!(
-                "epsilon must be >= 0, got {}",
-                config.epsilon
-            )));
-        }
+        config.validate()?;
         let model = Model::load(&config.model)?;
         let preprocessor = Preprocessor::new(&model.card.input);
         let (engines, model) = {
@@ -85,7 +80,7 @@ impl App {
                 load_engines(&model, gradient.as_deref(), &config).map(|e| (e, model))
             })
             .await
-            .map_err(|e| StartError::Config(format!("engine loader failed: {e}")))??
+            .map_err(|e| StartError::Loader(e.to_string()))??
         };
         let provider = engines[0].provider();
         if config.engine.device == Device::Auto && provider == Provider::Cpu {
@@ -130,15 +125,22 @@ impl App {
         // Weak: the push must not keep the pipeline (and its engines) alive.
         let gauges = Arc::downgrade(&pipeline);
         telemetry.spawn_metrics_push(move || gauges.upgrade().map(|p| p.gauges()));
+        let (health, health_service) = Health::new();
+        // Loaded and warmed up: SERVING from the first request.
+        health.serving().await;
         Ok(App {
             pipeline,
             info,
             window: config.stream_window,
-            max_unary_in_flight: config.max_unary_in_flight,
+            stack: stack::StackOptions {
+                max_unary_in_flight: config.max_unary_in_flight,
+            },
+            health,
+            health_service,
         })
     }
 
-    /// What `GetModelInfo` answers.
+    /// What is being served.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -153,16 +155,25 @@ impl App {
         Arc::clone(self.pipeline.telemetry())
     }
 
-    /// Serves Prometheus text on `GET /metrics` at `listener` until
-    /// `shutdown` completes. Spawn it next to `serve`.
-    pub fn serve_metrics(
+    /// The readiness switch that gRPC health and `/readyz` report.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP at
+    /// `listener` until `shutdown` completes. Spawn it next to `serve`.
+    pub fn serve_http(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = ()> + Send + 'static {
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
         let pipeline = Arc::clone(&self.pipeline);
-        let metrics = Arc::clone(pipeline.telemetry().metrics());
-        crate::telemetry::http::serve(listener, metrics, move || pipeline.gauges(), shutdown)
+        let endpoints = server::http::Endpoints {
+            metrics: Arc::clone(pipeline.telemetry().metrics()),
+            gauges: Arc::new(move || pipeline.gauges()),
+            health: self.health.clone(),
+        };
+        server::http::serve(listener, endpoints, shutdown)
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains.
@@ -200,48 +211,29 @@ impl App {
             + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(wire::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(odin_v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_error =
-            |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
         let telemetry = Arc::clone(self.pipeline.telemetry());
-        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         let detector = DetectorServer::new(DetectorService::new(
             self.pipeline,
-            self.info,
+            odin_v1::ModelInfo::from(&self.info),
             self.window,
-            self.max_unary_in_flight,
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        // The model is loaded and warmed up before we get here, so SERVING is true from the first request.
-        mark_serving(&health).await;
-        Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        stack::server(&self.stack)
+            .add_service(self.health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
             .add_service(detector)
             .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| StartError::Config(format!("gRPC server: {e}")))?;
+            .await?;
         // Export what the last frames left; shutdown blocks, so off the runtime.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         Ok(())
     }
-}
-
-async fn mark_serving(health: &HealthReporter) {
-    health
-        .set_serving::<DetectorServer<DetectorService>>()
-        .await;
-    // The empty service name stands for the whole server.
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
 }
 
 /// The model, one engine (with the gradient graph when it can be derived)
@@ -315,20 +307,9 @@ fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo
         input_shape: shape.input_shape.clone(),
         input_layout: "NCHW".into(),
         labels: card.labels.clone(),
-        preprocessing: Some(wire::Preprocessing {
-            height: card.input.height,
-            width: card.input.width,
-            channels: card.input.channels,
-            channel_order: format!("{:?}", card.input.channel_order),
-            resize: serde_json::to_value(card.input.resize)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            mean: card.input.mean.clone(),
-            std: card.input.std.clone(),
-        }),
+        preprocessing: card.input.clone(),
         execution_provider: engine.provider().to_string(),
-        scoring: Some(wire::Scoring {
+        scoring: ScoringInfo {
             method: config.method.to_string(),
             temperature: config.temperature,
             epsilon: config.scoring().effective_epsilon(),
@@ -338,6 +319,6 @@ fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo
             max_temperature: config.bounds.max_temperature,
             max_epsilon: config.bounds.max_epsilon,
             perturbation_available: engine.can_perturb(),
-        }),
+        },
     }
 }

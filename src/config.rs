@@ -43,6 +43,13 @@ pub const DEFAULT_OVERRIDE_BOUNDS: OverrideBounds = OverrideBounds {
 /// Largest gRPC message accepted (a frame), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// A configuration the server cannot run with. `main` exits with 64
+/// (sysexits' EX_USAGE) for it, so an orchestrator can tell a bad rollout
+/// from a crash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
 /// Everything `serve` needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServeConfig {
@@ -106,6 +113,22 @@ impl Default for ServeConfig {
 }
 
 impl ServeConfig {
+    /// Checks the values a server cannot run with; the message names the
+    /// setting and the value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.workers == 0 || self.batch.max_batch == 0 {
+            return bad("workers and max batch must be at least 1".into());
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be > 0, got {}", self.temperature));
+        }
+        if !(self.epsilon >= 0.0 && self.epsilon.is_finite()) {
+            return bad(format!("epsilon must be >= 0, got {}", self.epsilon));
+        }
+        Ok(())
+    }
+
     /// The scoring of frames that carry no override.
     pub fn scoring(&self) -> crate::score::Scoring {
         crate::score::Scoring {

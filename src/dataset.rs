@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::wire::RawImage;
+use crate::domain::RawPixels;
 
 /// A raw image set, loaded into memory.
 #[derive(Debug, Clone)]
@@ -112,9 +112,9 @@ impl RawSet {
         &self.pixels[i * size..(i + 1) * size]
     }
 
-    /// Image `i` as a raw frame image.
-    pub fn raw(&self, i: usize) -> RawImage {
-        RawImage {
+    /// Image `i` as raw pixels.
+    pub fn raw(&self, i: usize) -> RawPixels {
+        RawPixels {
             width: self.width,
             height: self.height,
             channels: self.channels,

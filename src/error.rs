@@ -1,12 +1,14 @@
-//! Errors of the request path, and the one place where they become wire
-//! errors: a per-frame `FrameError` inside a verdict, or a gRPC `Status`.
+//! Errors of the request path, and the one table that maps them to what a
+//! client sees: a gRPC code and a stable reason for a per-frame error inside
+//! a verdict (`FrameError`), or a gRPC `Status` for a whole call
+//! (`CallError`).
 //!
-//! Stages return `FrameError`; only this module decides which gRPC code and
-//! which stable `reason` string a client sees for each of them.
+//! Stages return these typed errors; only this module decides codes and
+//! reasons. Every protocol edge uses the same table.
 
 use tonic::{Code, Status};
 
-use crate::wire;
+use crate::engine::EngineError;
 
 /// Why one frame could not be judged. The stream it came on goes on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -111,70 +113,143 @@ pub enum FrameError {
     PerturbationUnavailable(String),
     /// The engine failed on the batch that carried this frame.
     #[error("inference failed: {0}")]
-    Engine(String),
+    Engine(EngineError),
+    /// A bug or a panic inside the server while handling this frame.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The engine is gone: the server is shutting down.
     #[error("the engine is shutting down")]
     Unavailable,
 }
 
-impl FrameError {
-    /// Every `reason()` there is, so metrics can keep one counter each
-    /// without a map on the request path. Keep in step with `reason()`.
-    pub const REASONS: [&'static str; 14] = [
-        "EMPTY_FRAME",
-        "DECODE_FAILED",
-        "SIZE_MISMATCH",
-        "IMAGE_TOO_LARGE",
-        "RAW_LENGTH_MISMATCH",
-        "UNSUPPORTED_CHANNELS",
-        "TENSOR_SHAPE_MISMATCH",
-        "TENSOR_LENGTH_MISMATCH",
-        "NON_FINITE_VALUE",
-        "UNKNOWN_METHOD",
-        "OVERRIDE_OUT_OF_BOUNDS",
-        "PERTURBATION_UNAVAILABLE",
-        "ENGINE_FAILED",
-        "UNAVAILABLE",
+/// The stable, machine-readable name of a per-frame error, for client
+/// dashboards and the `odin_frame_errors_total{reason}` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// See [`FrameError::Empty`].
+    EmptyFrame,
+    /// See [`FrameError::Decode`].
+    DecodeFailed,
+    /// See [`FrameError::SizeMismatch`].
+    SizeMismatch,
+    /// See [`FrameError::TooLarge`].
+    ImageTooLarge,
+    /// See [`FrameError::RawLength`].
+    RawLengthMismatch,
+    /// See [`FrameError::Channels`].
+    UnsupportedChannels,
+    /// See [`FrameError::TensorShape`].
+    TensorShapeMismatch,
+    /// See [`FrameError::TensorLength`].
+    TensorLengthMismatch,
+    /// See [`FrameError::NonFinite`].
+    NonFiniteValue,
+    /// See [`FrameError::UnknownMethod`].
+    UnknownMethod,
+    /// See [`FrameError::OverrideOutOfBounds`].
+    OverrideOutOfBounds,
+    /// See [`FrameError::PerturbationUnavailable`].
+    PerturbationUnavailable,
+    /// See [`FrameError::Engine`].
+    EngineFailed,
+    /// See [`FrameError::Internal`].
+    Internal,
+    /// See [`FrameError::Unavailable`].
+    Unavailable,
+}
+
+impl Reason {
+    /// Every reason, in a fixed order (the metric's series order).
+    pub const ALL: [Reason; 15] = [
+        Reason::EmptyFrame,
+        Reason::DecodeFailed,
+        Reason::SizeMismatch,
+        Reason::ImageTooLarge,
+        Reason::RawLengthMismatch,
+        Reason::UnsupportedChannels,
+        Reason::TensorShapeMismatch,
+        Reason::TensorLengthMismatch,
+        Reason::NonFiniteValue,
+        Reason::UnknownMethod,
+        Reason::OverrideOutOfBounds,
+        Reason::PerturbationUnavailable,
+        Reason::EngineFailed,
+        Reason::Internal,
+        Reason::Unavailable,
     ];
 
-    /// The gRPC status code this error maps to.
-    pub fn code(&self) -> Code {
+    /// The reason's name on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
         match self {
-            FrameError::Engine(_) => Code::Internal,
-            FrameError::Unavailable => Code::Unavailable,
-            FrameError::PerturbationUnavailable(_) => Code::FailedPrecondition,
-            _ => Code::InvalidArgument,
+            Reason::EmptyFrame => "EMPTY_FRAME",
+            Reason::DecodeFailed => "DECODE_FAILED",
+            Reason::SizeMismatch => "SIZE_MISMATCH",
+            Reason::ImageTooLarge => "IMAGE_TOO_LARGE",
+            Reason::RawLengthMismatch => "RAW_LENGTH_MISMATCH",
+            Reason::UnsupportedChannels => "UNSUPPORTED_CHANNELS",
+            Reason::TensorShapeMismatch => "TENSOR_SHAPE_MISMATCH",
+            Reason::TensorLengthMismatch => "TENSOR_LENGTH_MISMATCH",
+            Reason::NonFiniteValue => "NON_FINITE_VALUE",
+            Reason::UnknownMethod => "UNKNOWN_METHOD",
+            Reason::OverrideOutOfBounds => "OVERRIDE_OUT_OF_BOUNDS",
+            Reason::PerturbationUnavailable => "PERTURBATION_UNAVAILABLE",
+            Reason::EngineFailed => "ENGINE_FAILED",
+            Reason::Internal => "INTERNAL",
+            Reason::Unavailable => "UNAVAILABLE",
         }
     }
 
-    /// A stable, machine-readable name for the error, for client dashboards.
-    pub fn reason(&self) -> &'static str {
+    /// The gRPC status code a frame with this reason reports.
+    pub fn code(self) -> Code {
         match self {
-            FrameError::Empty => "EMPTY_FRAME",
-            FrameError::Decode { .. } => "DECODE_FAILED",
-            FrameError::SizeMismatch { .. } => "SIZE_MISMATCH",
-            FrameError::TooLarge { .. } => "IMAGE_TOO_LARGE",
-            FrameError::RawLength { .. } => "RAW_LENGTH_MISMATCH",
-            FrameError::Channels(_) => "UNSUPPORTED_CHANNELS",
-            FrameError::TensorShape { .. } => "TENSOR_SHAPE_MISMATCH",
-            FrameError::TensorLength { .. } => "TENSOR_LENGTH_MISMATCH",
-            FrameError::NonFinite { .. } => "NON_FINITE_VALUE",
-            FrameError::UnknownMethod(_) => "UNKNOWN_METHOD",
-            FrameError::OverrideOutOfBounds { .. } => "OVERRIDE_OUT_OF_BOUNDS",
-            FrameError::PerturbationUnavailable(_) => "PERTURBATION_UNAVAILABLE",
-            FrameError::Engine(_) => "ENGINE_FAILED",
-            FrameError::Unavailable => "UNAVAILABLE",
+            Reason::EngineFailed | Reason::Internal => Code::Internal,
+            Reason::Unavailable => Code::Unavailable,
+            Reason::PerturbationUnavailable => Code::FailedPrecondition,
+            Reason::EmptyFrame
+            | Reason::DecodeFailed
+            | Reason::SizeMismatch
+            | Reason::ImageTooLarge
+            | Reason::RawLengthMismatch
+            | Reason::UnsupportedChannels
+            | Reason::TensorShapeMismatch
+            | Reason::TensorLengthMismatch
+            | Reason::NonFiniteValue
+            | Reason::UnknownMethod
+            | Reason::OverrideOutOfBounds => Code::InvalidArgument,
         }
+    }
+
+    /// The position of this reason in [`Reason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
-impl From<&FrameError> for wire::FrameError {
-    fn from(error: &FrameError) -> Self {
-        wire::FrameError {
-            code: error.code() as i32,
-            reason: error.reason().to_string(),
-            message: error.to_string(),
+impl FrameError {
+    /// Why this frame failed, as a stable reason.
+    pub fn reason(&self) -> Reason {
+        match self {
+            FrameError::Empty => Reason::EmptyFrame,
+            FrameError::Decode { .. } => Reason::DecodeFailed,
+            FrameError::SizeMismatch { .. } => Reason::SizeMismatch,
+            FrameError::TooLarge { .. } => Reason::ImageTooLarge,
+            FrameError::RawLength { .. } => Reason::RawLengthMismatch,
+            FrameError::Channels(_) => Reason::UnsupportedChannels,
+            FrameError::TensorShape { .. } => Reason::TensorShapeMismatch,
+            FrameError::TensorLength { .. } => Reason::TensorLengthMismatch,
+            FrameError::NonFinite { .. } => Reason::NonFiniteValue,
+            FrameError::UnknownMethod(_) => Reason::UnknownMethod,
+            FrameError::OverrideOutOfBounds { .. } => Reason::OverrideOutOfBounds,
+            FrameError::PerturbationUnavailable(_) => Reason::PerturbationUnavailable,
+            FrameError::Engine(_) => Reason::EngineFailed,
+            FrameError::Internal(_) => Reason::Internal,
+            FrameError::Unavailable => Reason::Unavailable,
         }
+    }
+
+    /// The gRPC status code this error maps to.
+    pub fn code(&self) -> Code {
+        self.reason().code()
     }
 }
 
@@ -184,32 +259,122 @@ impl From<FrameError> for Status {
     }
 }
 
+/// Why a whole call (not one frame) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Too many unary calls are in flight: shed, so a burst cannot queue
+    /// without bound behind the engine.
+    #[error("too many DetectOne calls in flight (limit {limit}); retry with backoff or use Detect streams")]
+    Overloaded {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl From<CallError> for Status {
+    fn from(error: CallError) -> Self {
+        let code = match error {
+            CallError::Overloaded { .. } => Code::ResourceExhausted,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One error of every variant, so the table can be checked whole.
+    fn one_of_each() -> Vec<FrameError> {
+        vec![
+            FrameError::Empty,
+            FrameError::Decode {
+                format: "Jpeg".into(),
+                detail: "x".into(),
+            },
+            FrameError::SizeMismatch {
+                width: 1,
+                height: 1,
+                want_width: 2,
+                want_height: 2,
+            },
+            FrameError::TooLarge {
+                width: 9000,
+                height: 1,
+                max: 8192,
+            },
+            FrameError::RawLength {
+                got: 1,
+                want: 2,
+                width: 1,
+                height: 1,
+                channels: 2,
+            },
+            FrameError::Channels(2),
+            FrameError::TensorShape {
+                got: vec![1],
+                want: [3, 2, 2],
+            },
+            FrameError::TensorLength {
+                got: 1,
+                want: 2,
+                shape: vec![2],
+            },
+            FrameError::NonFinite {
+                index: 0,
+                value: f32::NAN,
+            },
+            FrameError::UnknownMethod("x".into()),
+            FrameError::OverrideOutOfBounds {
+                field: "temperature",
+                value: 0.0,
+                min: 1.0,
+                max: 2.0,
+            },
+            FrameError::PerturbationUnavailable("odin".into()),
+            FrameError::Engine(EngineError::Model("x".into())),
+            FrameError::Internal("x".into()),
+            FrameError::Unavailable,
+        ]
+    }
 
     #[test]
     fn bad_input_is_invalid_argument_and_engine_failure_is_internal() {
         assert_eq!(FrameError::Empty.code(), Code::InvalidArgument);
         assert_eq!(FrameError::Channels(2).code(), Code::InvalidArgument);
-        assert_eq!(FrameError::Engine("x".into()).code(), Code::Internal);
-        let wire = wire::FrameError::from(&FrameError::Channels(2));
-        assert_eq!(wire.code, 3);
-        assert_eq!(wire.reason, "UNSUPPORTED_CHANNELS");
-        assert!(wire.message.contains("2 channels"));
+        assert_eq!(
+            FrameError::Engine(EngineError::Model("x".into())).code(),
+            Code::Internal
+        );
+        assert_eq!(FrameError::Internal("x".into()).code(), Code::Internal);
+        assert_eq!(FrameError::Unavailable.code(), Code::Unavailable);
+        assert_eq!(
+            FrameError::PerturbationUnavailable("odin".into()).code(),
+            Code::FailedPrecondition
+        );
     }
 
     #[test]
-    fn every_reason_is_listed() {
-        for error in [
-            FrameError::Empty,
-            FrameError::Channels(2),
-            FrameError::UnknownMethod("x".into()),
-            FrameError::PerturbationUnavailable("odin".into()),
-            FrameError::Engine("x".into()),
-            FrameError::Unavailable,
-        ] {
-            assert!(FrameError::REASONS.contains(&error.reason()));
+    fn every_variant_has_its_own_reason_and_every_reason_is_listed_once() {
+        let errors = one_of_each();
+        let reasons: Vec<Reason> = errors.iter().map(FrameError::reason).collect();
+        assert_eq!(
+            reasons,
+            Reason::ALL,
+            "one variant per reason, in ALL's order"
+        );
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i);
         }
+        let names: std::collections::HashSet<&str> =
+            Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), Reason::ALL.len(), "names are distinct");
+    }
+
+    #[test]
+    fn an_overloaded_call_is_resource_exhausted() {
+        let status = Status::from(CallError::Overloaded { limit: 4 });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("limit 4"), "{}", status.message());
     }
 }

@@ -1,6 +1,7 @@
 //! `odin-sidecar`: parse the command line, run one subcommand, exit.
-//! Errors are printed once, with their causes, and give exit code 1
-//! (64 for unusable configuration, as sysexits' EX_USAGE).
+//! Errors are printed once, with their causes, and give exit code 1, or 64
+//! (sysexits' EX_USAGE) when the configuration is unusable. clap itself
+//! exits with 2 for flags it cannot parse.
 
 use std::process::ExitCode;
 
@@ -13,7 +14,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            if odin_sidecar::cli::is_usage_error(&error) {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ pub const LIBRARY_FILE: &str = "libonnxruntime.so.1.32.0";
 pub const PROJECT_CACHE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.cache/onnxruntime");
 
 /// Why ONNX Runtime could not be made ready.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RuntimeError {
     /// `ORT_DYLIB_PATH` names a file that is not there.
     #[error("{ENV_DYLIB_PATH} is set to {0}, which does not exist")]
@@ -216,9 +216,7 @@ pub fn session(onnx: &[u8], options: &SessionOptions) -> Result<Session, Runtime
             .with_device_id(device)
             .build()
             .error_on_failure();
-        builder = builder
-            .with_execution_providers([cuda])
-            .map_err(failed)?;
+        builder = builder.with_execution_providers([cuda]).map_err(failed)?;
     }
     builder.commit_from_memory(onnx).map_err(failed)
 }

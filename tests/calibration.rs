@@ -10,7 +10,7 @@ use common::*;
 use odin_sidecar::calib::calibrate::{epsilons, Calibration, TEMPERATURES};
 use odin_sidecar::calib::metrics;
 use odin_sidecar::cli::{Cli, Command as Sub};
-use odin_sidecar::wire::{frame::Image, Frame, GetModelInfoRequest, ScoringOverride};
+use odin_sidecar::wire::odin_v1::{frame::Image, Frame, GetModelInfoRequest, ScoringOverride};
 
 const TUNE: usize = 100;
 
@@ -22,7 +22,7 @@ async fn scores(
     let frames: Vec<Frame> = (0..TUNE)
         .map(|i| Frame {
             frame_id: i.to_string(),
-            image: Some(Image::Raw(set.raw(i))),
+            image: Some(Image::Raw(set.raw(i).into())),
             scoring: over.clone(),
             ..Frame::default()
         })

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use odin_sidecar::wire::{detector_client::DetectorClient, frame::Image, Frame};
+use odin_sidecar::wire::odin_v1::{detector_client::DetectorClient, frame::Image, Frame};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_odin-sidecar");
@@ -174,7 +174,7 @@ async fn serve_with_no_model_serves_the_built_in_classifier() {
         let v = client
             .detect_one(Frame {
                 frame_id: i.to_string(),
-                image: Some(Image::Raw(cifar.raw(i))),
+                image: Some(Image::Raw(cifar.raw(i).into())),
                 ..Frame::default()
             })
             .await

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use odin_sidecar::engine::Device;
-use odin_sidecar::wire::{frame::Image, Frame, GetModelInfoRequest, RawImage, Tensor, Verdict};
+use odin_sidecar::wire::odin_v1::{
+    frame::Image, Frame, GetModelInfoRequest, RawImage, Tensor, Verdict,
+};
 use tokio_stream::StreamExt;
 
 fn frame(id: String, image: Image) -> Frame {
@@ -130,7 +132,7 @@ async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
         let frames: Vec<Frame> = (0..100)
             .map(|i| {
                 let idx = s * 100 + i;
-                let mut f = frame(format!("s{s}-f{i}"), Image::Raw(cifar.raw(idx)));
+                let mut f = frame(format!("s{s}-f{i}"), Image::Raw(cifar.raw(idx).into()));
                 f.attributes.insert("camera".into(), format!("cam-{s}"));
                 f
             })
@@ -156,7 +158,7 @@ async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
 async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
     let server = TestServer::start(resnet20()).await;
     let cifar = cifar10_test();
-    let good = |i: usize| frame(format!("good-{i}"), Image::Raw(cifar.raw(i)));
+    let good = |i: usize| frame(format!("good-{i}"), Image::Raw(cifar.raw(i).into()));
     let mut corrupt = encode(cifar.pixels(0), 32, 32, image::ImageFormat::Jpeg);
     corrupt.truncate(corrupt.len() / 3);
     let small_png = encode(&vec![90u8; 16 * 16 * 3], 16, 16, image::ImageFormat::Png);
@@ -234,7 +236,7 @@ async fn detect_one_and_model_info_answer_unary_calls() {
     let server = TestServer::start(resnet20()).await;
     let mut client = server.client().await;
     let cifar = cifar10_test();
-    let mut f = frame("one".into(), Image::Raw(cifar.raw(7)));
+    let mut f = frame("one".into(), Image::Raw(cifar.raw(7).into()));
     f.attributes.insert("k".into(), "v".into());
     let v = client.detect_one(f).await.expect("DetectOne").into_inner();
     assert_eq!(v.frame_id, "one");
@@ -339,7 +341,10 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
     assert!(provider == "CPUExecutionProvider" || provider.starts_with("CUDAExecutionProvider"));
     let mut client = server.client().await;
     let v = client
-        .detect_one(frame("auto".into(), Image::Raw(cifar10_test().raw(0))))
+        .detect_one(frame(
+            "auto".into(),
+            Image::Raw(cifar10_test().raw(0).into()),
+        ))
         .await
         .expect("served")
         .into_inner();
@@ -348,12 +353,12 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_overrides_apply_per_frame_and_out_of_bounds_ones_are_rejected() {
-    use odin_sidecar::wire::ScoringOverride;
+    use odin_sidecar::wire::odin_v1::ScoringOverride;
     let server = TestServer::start(resnet20()).await;
     let cifar = cifar10_test();
     let with = |id: &str, over: ScoringOverride| Frame {
         frame_id: id.into(),
-        image: Some(Image::Raw(cifar.raw(3))),
+        image: Some(Image::Raw(cifar.raw(3).into())),
         scoring: Some(over),
         ..Frame::default()
     };

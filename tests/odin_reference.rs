@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use odin_sidecar::score::Method;
-use odin_sidecar::wire::{frame::Image, Frame, RawImage, ScoringOverride, Verdict};
+use odin_sidecar::wire::odin_v1::{frame::Image, Frame, RawImage, ScoringOverride, Verdict};
 
 const SETS: [&str; 5] = ["cifar10", "tin_crop", "tin_resize", "uniform", "gaussian"];
 
@@ -115,14 +115,7 @@ async fn odin_msp_and_energy_scores_match_the_pytorch_reference() {
     config.temperature = 1000.0;
     config.epsilon = 0.0014;
     let server = TestServer::start(config).await;
-    assert!(
-        server
-            .app_info
-            .scoring
-            .as_ref()
-            .expect("scoring")
-            .perturbation_available
-    );
+    assert!(server.app_info.scoring.perturbation_available);
 
     for set in SETS {
         let reference = reference(set);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use odin_sidecar::wire::{frame::Image, Frame};
+use odin_sidecar::wire::odin_v1::{frame::Image, Frame};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
@@ -52,7 +52,7 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
         let rust = client
             .detect_one(Frame {
                 frame_id: format!("rust-{i}"),
-                image: Some(Image::Raw(cifar.raw(i))),
+                image: Some(Image::Raw(cifar.raw(i).into())),
                 ..Frame::default()
             })
             .await

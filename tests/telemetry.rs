@@ -14,7 +14,7 @@ use common::*;
 use odin_sidecar::config::ServeConfig;
 use odin_sidecar::score::Method;
 use odin_sidecar::telemetry::OtlpConfig;
-use odin_sidecar::wire::{frame::Image, Frame, RawImage, Verdict};
+use odin_sidecar::wire::odin_v1::{frame::Image, Frame, RawImage, Verdict};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -131,7 +131,7 @@ fn otlp(endpoint: String) -> OtlpConfig {
 fn raw_frame(id: String, set: &odin_sidecar::dataset::RawSet, i: usize) -> Frame {
     Frame {
         frame_id: id,
-        image: Some(Image::Raw(set.raw(i))),
+        image: Some(Image::Raw(set.raw(i).into())),
         ..Frame::default()
     }
 }
@@ -555,7 +555,7 @@ async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
 /// the standard `OTEL_*` variables (set on the child only), `--metrics-addr`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
-    use odin_sidecar::wire::detector_client::DetectorClient;
+    use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     let (receiver_addr, received) = receiver().await;
@@ -655,7 +655,10 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
                 .await
                 .expect("connects");
             stream
-                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
                 .await
                 .expect("writes");
             let mut response = String::new();

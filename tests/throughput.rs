@@ -11,7 +11,7 @@ use odin_sidecar::calib::sets::SplitMix64;
 use odin_sidecar::loadgen::{self, LoadConfig, Mode, Pacing, Target};
 use odin_sidecar::model::{Model, ModelCard, ModelSource, Resize};
 use odin_sidecar::pipeline::Preprocessor;
-use odin_sidecar::wire::{frame::Image, Frame};
+use odin_sidecar::wire::odin_v1::{frame::Image, Frame};
 use tokio_stream::StreamExt;
 
 /// ResNet-20 with a card that resizes, so frames may come in any size.
@@ -76,7 +76,11 @@ async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
     let mut expected = std::collections::HashMap::new();
     for frame in streams.iter().flatten() {
         let logits = engine
-            .logits(&pre.tensor(frame.image.as_ref()).expect("valid"), 1)
+            .logits(
+                &pre.tensor(frame.image.clone().map(Into::into).as_ref())
+                    .expect("valid"),
+                1,
+            )
             .expect("runs");
         expected.insert(frame.frame_id.clone(), logits);
     }
@@ -126,7 +130,7 @@ async fn a_producer_faster_than_the_engine_is_held_back_and_loses_nothing() {
     const FRAMES: usize = 1500;
     let frames = (0..FRAMES).map(move |i| Frame {
         frame_id: i.to_string(),
-        image: Some(Image::Raw(cifar.raw(i))),
+        image: Some(Image::Raw(cifar.raw(i).into())),
         ..Frame::default()
     });
     let mut client = server.client().await;
@@ -162,7 +166,7 @@ async fn loadgen_reports_consistent_counts_against_a_real_server() {
     let cifar = cifar10_test();
     let mut pool: Vec<Frame> = (0..50)
         .map(|i| Frame {
-            image: Some(Image::Raw(cifar.raw(i))),
+            image: Some(Image::Raw(cifar.raw(i).into())),
             ..Frame::default()
         })
         .collect();
@@ -216,7 +220,7 @@ async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
         let (mut client, start) = (client.clone(), Arc::clone(&start));
         let frame = Frame {
             frame_id: i.to_string(),
-            image: Some(Image::Raw(cifar.raw(i))),
+            image: Some(Image::Raw(cifar.raw(i).into())),
             ..Frame::default()
         };
         calls.push(tokio::spawn(async move {
@@ -244,7 +248,7 @@ async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
     let frames: Vec<Frame> = (0..40)
         .map(|i| Frame {
             frame_id: i.to_string(),
-            image: Some(Image::Raw(cifar.raw(i))),
+            image: Some(Image::Raw(cifar.raw(i).into())),
             ..Frame::default()
         })
         .collect();

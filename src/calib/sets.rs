@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::dataset::RawSet;
+use crate::domain::{ImageInput, RawPixels};
 use crate::error::FrameError;
 use crate::pipeline::Preprocessor;
-use crate::wire::{frame::Image, RawImage};
 
 /// Where a set's images come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,12 +108,17 @@ impl Set {
         take: Option<usize>,
     ) -> Result<Set, SetError> {
         let name = source.name();
-        let images: Vec<(String, Image)> = match source {
+        let images: Vec<(String, ImageInput)> = match source {
             SetSource::Raw(path) => {
                 let set = RawSet::open(path).map_err(|e| SetError::Io(e.to_string()))?;
                 let end = take.map_or(set.n, |t| (skip + t).min(set.n));
                 (skip.min(end)..end)
-                    .map(|i| (format!("{}#{i}", path.display()), Image::Raw(set.raw(i))))
+                    .map(|i| {
+                        (
+                            format!("{}#{i}", path.display()),
+                            ImageInput::Raw(set.raw(i)),
+                        )
+                    })
                     .collect()
             }
             SetSource::Folder(dir) => {
@@ -132,7 +137,7 @@ impl Set {
                     .iter()
                     .map(|p| {
                         std::fs::read(p)
-                            .map(|b| (p.display().to_string(), Image::Encoded(b)))
+                            .map(|b| (p.display().to_string(), ImageInput::Encoded(b)))
                             .map_err(|e| SetError::Io(format!("{}: {e}", p.display())))
                     })
                     .collect::<Result<_, _>>()?
@@ -158,13 +163,13 @@ impl Set {
                     // Generate and discard the skipped images so a given index
                     // is always the same image.
                     if i >= skip {
-                        let raw = RawImage {
+                        let raw = RawPixels {
                             width: w,
                             height: h,
                             channels: 3,
                             pixels,
                         };
-                        images.push((format!("{name}#{i}"), Image::Raw(raw)));
+                        images.push((format!("{name}#{i}"), ImageInput::Raw(raw)));
                     }
                 }
                 images

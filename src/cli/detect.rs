@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use super::ModelArgs;
 use crate::app::App;
 use crate::dataset::RawSet;
+use crate::domain::{FrameRequest, ImageInput, Judgement};
 use crate::pipeline::order;
-use crate::wire::{frame::Image, Frame, Verdict};
+use crate::telemetry::Rpc;
 
 /// Flags of `detect`.
 #[derive(Debug, Clone, Args)]
@@ -40,7 +41,7 @@ pub struct DetectArgs {
 
 /// One frame to judge and, where known, its true class.
 struct Item {
-    frame: Frame,
+    frame: FrameRequest,
     label: Option<u8>,
 }
 
@@ -52,10 +53,10 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
             let set = RawSet::open(path)?;
             let n = args.limit.map_or(set.n, |l| l.min(set.n));
             items.extend((0..n).map(|i| Item {
-                frame: Frame {
-                    frame_id: format!("{name}#{i}"),
-                    image: Some(Image::Raw(set.raw(i))),
-                    ..Frame::default()
+                frame: FrameRequest {
+                    id: format!("{name}#{i}"),
+                    image: Some(ImageInput::Raw(set.raw(i))),
+                    ..FrameRequest::default()
                 },
                 label: set.labels.as_ref().map(|l| l[i]),
             }));
@@ -63,10 +64,10 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
             let bytes =
                 std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
             items.push(Item {
-                frame: Frame {
-                    frame_id: name,
-                    image: Some(Image::Encoded(bytes)),
-                    ..Frame::default()
+                frame: FrameRequest {
+                    id: name,
+                    image: Some(ImageInput::Encoded(bytes)),
+                    ..FrameRequest::default()
                 },
                 label: None,
             });
@@ -79,20 +80,25 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
 pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let items = items(&args)?;
     let app = App::build(&args.model.config()?).await?;
-    let (frames, labels): (Vec<Frame>, Vec<Option<u8>>) =
+    let (frames, labels): (Vec<FrameRequest>, Vec<Option<u8>>) =
         items.into_iter().map(|i| (i.frame, i.label)).unzip();
     let total = frames.len();
     // The same ordered, windowed driver a gRPC stream uses.
     let window = 4 * args.model.max_batch.max(1) * args.model.workers.max(1);
     let (tx, mut rx) = mpsc::channel(window);
     let started = Instant::now();
-    let inbound = tokio_stream::iter(frames.into_iter().map(Ok));
+    let inbound = tokio_stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let options = order::StreamOptions {
+        window,
+        parent: opentelemetry::Context::new(),
+        rpc: Rpc::InProcess,
+    };
     tokio::spawn(order::drive(
         app.pipeline(),
         inbound,
         tx,
-        window,
-        opentelemetry::Context::new(),
+        |judgement| judgement,
+        options,
     ));
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -105,30 +111,43 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     }
     let (mut correct, mut labelled, mut errors, mut kept) = (0usize, 0usize, 0usize, 0usize);
     let mut labels = labels.into_iter();
-    while let Some(verdict) = rx.recv().await {
-        let verdict = verdict?;
+    while let Some(judgement) = rx.recv().await {
+        let Ok(judgement) = judgement;
         let label = labels.next().flatten();
-        if let Some(error) = &verdict.error {
-            errors += 1;
-            if !args.quiet && !args.json {
-                writeln!(
-                    out,
-                    "{:<32} error {}: {}",
-                    verdict.frame_id, error.reason, error.message
-                )?;
+        match &judgement.outcome {
+            Err(error) => {
+                errors += 1;
+                if !args.quiet && !args.json {
+                    writeln!(
+                        out,
+                        "{:<32} error {}: {error}",
+                        judgement.frame_id,
+                        error.reason().as_str()
+                    )?;
+                }
             }
-        } else {
-            kept += usize::from(verdict.in_distribution);
-            if let Some(label) = label {
-                labelled += 1;
-                correct += usize::from(verdict.predicted_class == i32::from(label));
-            }
-            if !args.quiet && !args.json {
-                print_row(&mut out, &verdict)?;
+            Ok(decision) => {
+                kept += usize::from(decision.in_distribution);
+                if let Some(label) = label {
+                    labelled += 1;
+                    correct += usize::from(decision.predicted_class == usize::from(label));
+                }
+                if !args.quiet && !args.json {
+                    writeln!(
+                        out,
+                        "{:<32} {:>5} {:<12} {:>10.6} {:>8} {:>11.6}",
+                        judgement.frame_id,
+                        decision.predicted_class,
+                        decision.label,
+                        decision.score,
+                        decision.in_distribution,
+                        decision.max_softmax
+                    )?;
+                }
             }
         }
         if args.json && !args.quiet {
-            writeln!(out, "{}", verdict_json(&verdict))?;
+            writeln!(out, "{}", judgement_json(&judgement))?;
         }
     }
     out.flush()?;
@@ -152,26 +171,28 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_row(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<32} {:>5} {:<12} {:>10.6} {:>8} {:>11.6}",
-        v.frame_id, v.predicted_class, v.label, v.score, v.in_distribution, v.max_softmax
-    )
-}
-
-fn verdict_json(v: &Verdict) -> serde_json::Value {
-    let timings = v.timings.unwrap_or_default();
-    serde_json::json!({
-        "frame_id": v.frame_id,
-        "in_distribution": v.in_distribution,
-        "score": v.score,
-        "threshold": v.threshold,
-        "method": v.method,
-        "predicted_class": v.predicted_class,
-        "label": v.label,
-        "max_softmax": v.max_softmax,
-        "timings_us": {"decode": timings.decode_us, "queue": timings.queue_us, "inference": timings.inference_us, "total": timings.total_us},
-        "error": v.error.as_ref().map(|e| serde_json::json!({"code": e.code, "reason": e.reason, "message": e.message})),
-    })
+/// One JSON line per frame: the fields of an `odin.v1` verdict.
+fn judgement_json(j: &Judgement) -> serde_json::Value {
+    let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let t = j.timings;
+    let mut json = serde_json::json!({
+        "frame_id": j.frame_id,
+        "method": j.scoring.map(|s| s.scoring.method.as_str()).unwrap_or_default(),
+        "threshold": j.scoring.map(|s| s.threshold).unwrap_or_default(),
+        "timings_us": {"decode": us(t.decode), "queue": us(t.queue), "inference": us(t.inference), "total": us(t.total)},
+    });
+    match &j.outcome {
+        Ok(d) => {
+            json["in_distribution"] = d.in_distribution.into();
+            json["score"] = d.score.into();
+            json["predicted_class"] = d.predicted_class.into();
+            json["label"] = d.label.clone().into();
+            json["max_softmax"] = d.max_softmax.into();
+            json["error"] = serde_json::Value::Null;
+        }
+        Err(e) => {
+            json["error"] = serde_json::json!({"code": e.code() as i32, "reason": e.reason().as_str(), "message": e.to_string()});
+        }
+    }
+    json
 }

@@ -1,5 +1,5 @@
 //! `odin-sidecar info`: load the model as `serve` would and print what
-//! `GetModelInfo` would answer, as JSON.
+//! `GetModelInfo` would answer, as JSON (the fields of `domain::ModelInfo`).
 
 use std::process::ExitCode;
 
@@ -18,33 +18,6 @@ pub struct InfoArgs {
 /// Runs `info`.
 pub async fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let app = App::build(&args.model.config()?).await?;
-    let info = app.info();
-    let preprocessing = info.preprocessing.clone().unwrap_or_default();
-    let scoring = info.scoring.clone().unwrap_or_default();
-    let json = serde_json::json!({
-        "name": info.name,
-        "version": info.version,
-        "input_name": info.input_name,
-        "input_shape": info.input_shape,
-        "input_layout": info.input_layout,
-        "labels": info.labels,
-        "preprocessing": {
-            "height": preprocessing.height,
-            "width": preprocessing.width,
-            "channels": preprocessing.channels,
-            "channel_order": preprocessing.channel_order,
-            "resize": preprocessing.resize,
-            "mean": preprocessing.mean,
-            "std": preprocessing.std,
-        },
-        "execution_provider": info.execution_provider,
-        "scoring": {
-            "method": scoring.method,
-            "temperature": scoring.temperature,
-            "epsilon": scoring.epsilon,
-            "threshold": scoring.threshold,
-        },
-    });
-    println!("{}", serde_json::to_string_pretty(&json)?);
+    println!("{}", serde_json::to_string_pretty(app.info())?);
     Ok(ExitCode::SUCCESS)
 }

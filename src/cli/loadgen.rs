@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use crate::calib::sets::SplitMix64;
 use crate::dataset::RawSet;
 use crate::loadgen::{self, LoadConfig, Mode, Pacing, Target};
-use crate::wire::{frame::Image, Frame, RawImage};
+use crate::wire::odin_v1::{frame::Image, Frame, RawImage};
 
 /// Report format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,7 +113,7 @@ pub(crate) fn frames(data: Option<&PathBuf>) -> anyhow::Result<Vec<Frame>> {
     let set = RawSet::open(path)?;
     // At most 4096 distinct frames: plenty of variety, little memory.
     Ok((0..set.n.min(4096))
-        .map(|i| frame(Image::Raw(set.raw(i))))
+        .map(|i| frame(Image::Raw(set.raw(i).into())))
         .collect())
 }
 

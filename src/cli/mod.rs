@@ -83,6 +83,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Whether `error` comes from an unusable configuration (exit code 64).
+pub fn is_usage_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<config::ConfigError>()
+            || matches!(
+                cause.downcast_ref::<crate::app::StartError>(),
+                Some(crate::app::StartError::Config(_))
+            )
+    })
+}
+
 /// Sets up `tracing` output on stderr; `RUST_LOG` filters (default `info`).
 /// With tracing on, lines about a frame sit in an `otel` span carrying its
 /// `trace_id` and `span_id` (see `crate::telemetry::log_span`).
@@ -162,10 +173,12 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Resolves the flags into a serving configuration.
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
-        anyhow::ensure!(
-            self.max_queue_delay_ms.is_finite() && self.max_queue_delay_ms >= 0.0,
-            "--max-queue-delay-ms must be a non-negative number"
-        );
+        if !(self.max_queue_delay_ms.is_finite() && self.max_queue_delay_ms >= 0.0) {
+            return Err(config::ConfigError(
+                "--max-queue-delay-ms must be a non-negative number".into(),
+            )
+            .into());
+        }
         let model = match &self.model {
             None => ModelSource::Embedded,
             Some(model) => ModelSource::File {
@@ -199,7 +212,11 @@ impl ModelArgs {
             || self.epsilon.is_some()
             || self.threshold.is_some();
         let calibration = match (&self.calibration, &self.model) {
-            (Some(path), _) => Some((Calibration::load(path)?, path.display().to_string())),
+            (Some(path), _) => {
+                let calibration = Calibration::load(path)
+                    .map_err(|e| config::ConfigError(format!("--calibration: {e:#}")))?;
+                Some((calibration, path.display().to_string()))
+            }
             // The built-in model ships calibrated, so `serve` alone gives ODIN verdicts.
             (None, None) if !scoring_flags => Some((
                 Calibration::parse(DEFAULT_MODEL_CALIBRATION, "<embedded>")?,

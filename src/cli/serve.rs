@@ -27,8 +27,9 @@ pub struct ServeArgs {
     /// OTEL_TRACES_SAMPLER_ARG, OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*.
     #[arg(long, env = "ODIN_OTLP", value_parser = clap::builder::FalseyValueParser::new())]
     pub otlp: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464
-    /// (off unless given).
+    /// Serve plain HTTP at ADDR, e.g. 127.0.0.1:9464 (off unless given):
+    /// Prometheus metrics at /metrics, and /healthz and /readyz for probes
+    /// that cannot speak gRPC.
     #[arg(long, env = "ODIN_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
@@ -44,9 +45,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let app = App::build(&config).await?;
     if let Some(addr) = args.metrics_addr {
         let listener = TcpListener::bind(addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics");
+        tracing::info!(addr = %listener.local_addr()?, "serving Prometheus /metrics, /healthz and /readyz over HTTP");
         // Lives as long as the process: scrapes may come during the drain.
-        tokio::spawn(app.serve_metrics(listener, std::future::pending()));
+        let http = app.serve_http(listener, std::future::pending());
+        tokio::spawn(async move {
+            if let Err(e) = http.await {
+                tracing::error!(error = %e, "HTTP endpoints stopped");
+            }
+        });
     }
     if let Some(path) = &args.uds {
         // A socket file left by a previous run would make bind fail.

@@ -79,7 +79,7 @@ pub struct EngineOptions {
 }
 
 /// Why an engine could not be built or run.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     /// ONNX Runtime itself is not available, or refused the model.
     #[error(transparent)]

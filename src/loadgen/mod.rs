@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::wire::{detector_client::DetectorClient, Frame, Verdict};
+use crate::wire::odin_v1::{detector_client::DetectorClient, Frame, Verdict};
 pub use report::{Report, Stats};
 
 /// Where the sidecar listens.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::{LoadConfig, Mode, Pacing};
-use crate::wire::Verdict;
+use crate::wire::odin_v1::Verdict;
 
 /// Counts and latencies gathered while the load runs.
 #[derive(Debug, Clone)]

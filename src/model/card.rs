@@ -70,6 +70,16 @@ pub enum ChannelOrder {
     BGR,
 }
 
+impl ChannelOrder {
+    /// The name used in the card and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelOrder::RGB => "RGB",
+            ChannelOrder::BGR => "BGR",
+        }
+    }
+}
+
 /// Resizing policy for frames whose size differs from the model's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +90,16 @@ pub enum Resize {
     /// Reject frames of another size: a camera sending the wrong resolution
     /// is a misconfiguration worth surfacing.
     None,
+}
+
+impl Resize {
+    /// The name used in the card and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resize::Bilinear => "bilinear",
+            Resize::None => "none",
+        }
+    }
 }
 
 /// Default ODIN parameters (the paper's CIFAR settings unless the card says otherwise).

@@ -250,7 +250,7 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>, telemetry: &Telemetry) {
                 .map(|t| t.log_span("engine.batch").entered());
             tracing::error!(error = %e, batch = n, "engine run failed");
             for job in batch {
-                let _ = job.reply.send(Err(FrameError::Engine(e.to_string())));
+                let _ = job.reply.send(Err(FrameError::Engine(e.clone())));
             }
         }
     }

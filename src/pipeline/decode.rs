@@ -4,9 +4,9 @@
 
 use image::{imageops::FilterType, DynamicImage, ImageReader, RgbImage};
 
+use crate::domain::{ImageInput, RawPixels, TensorInput};
 use crate::error::FrameError;
 use crate::model::card::{ChannelOrder, InputSpec, Resize};
-use crate::wire::{frame::Image, RawImage, Tensor};
 
 /// Largest accepted side of a decoded image: bounds the decoder's allocation
 /// so one hostile frame cannot exhaust memory.
@@ -53,13 +53,13 @@ impl Preprocessor {
     }
 
     /// Decodes and normalizes one frame's image into a CHW tensor.
-    pub fn tensor(&self, image: Option<&Image>) -> Result<Vec<f32>, FrameError> {
+    pub fn tensor(&self, image: Option<&ImageInput>) -> Result<Vec<f32>, FrameError> {
         match image {
             None => Err(FrameError::Empty),
-            Some(Image::Encoded(bytes)) if bytes.is_empty() => Err(FrameError::Empty),
-            Some(Image::Encoded(bytes)) => self.from_image(decode(bytes)?),
-            Some(Image::Raw(raw)) => self.from_image(raw_image(raw)?),
-            Some(Image::Tensor(tensor)) => self.from_tensor(tensor),
+            Some(ImageInput::Encoded(bytes)) if bytes.is_empty() => Err(FrameError::Empty),
+            Some(ImageInput::Encoded(bytes)) => self.from_image(decode(bytes)?),
+            Some(ImageInput::Raw(raw)) => self.from_image(raw_image(raw)?),
+            Some(ImageInput::Tensor(tensor)) => self.from_tensor(tensor),
         }
     }
 
@@ -100,7 +100,7 @@ impl Preprocessor {
         out
     }
 
-    fn from_tensor(&self, tensor: &Tensor) -> Result<Vec<f32>, FrameError> {
+    fn from_tensor(&self, tensor: &TensorInput) -> Result<Vec<f32>, FrameError> {
         let chw = self.chw();
         let dims: Vec<usize> = tensor.shape.iter().map(|d| *d as usize).collect();
         let shape_ok = dims == chw || (dims.len() == 4 && dims[0] == 1 && dims[1..] == chw);
@@ -170,8 +170,8 @@ fn decode_error(format: &str, error: impl std::fmt::Display) -> FrameError {
 }
 
 /// Wraps raw HWC pixels as an image after checking the byte count.
-fn raw_image(raw: &RawImage) -> Result<DynamicImage, FrameError> {
-    let RawImage {
+fn raw_image(raw: &RawPixels) -> Result<DynamicImage, FrameError> {
+    let RawPixels {
         width,
         height,
         channels,
@@ -226,8 +226,8 @@ mod tests {
         }
     }
 
-    fn raw(width: u32, height: u32, channels: u32, pixels: Vec<u8>) -> Image {
-        Image::Raw(RawImage {
+    fn raw(width: u32, height: u32, channels: u32, pixels: Vec<u8>) -> ImageInput {
+        ImageInput::Raw(RawPixels {
             width,
             height,
             channels,
@@ -277,7 +277,7 @@ mod tests {
         let pre = Preprocessor::new(&spec(Resize::Bilinear, ChannelOrder::RGB));
         assert_eq!(pre.tensor(None), Err(FrameError::Empty));
         assert_eq!(
-            pre.tensor(Some(&Image::Encoded(vec![]))),
+            pre.tensor(Some(&ImageInput::Encoded(vec![]))),
             Err(FrameError::Empty)
         );
         assert!(matches!(
@@ -292,12 +292,13 @@ mod tests {
             pre.tensor(Some(&raw(2, 2, 2, vec![0; 8]))),
             Err(FrameError::Channels(2))
         );
-        let garbage = Image::Encoded(b"\xff\xd8\xff\xe0 not really a jpeg".to_vec());
+        let garbage = ImageInput::Encoded(b"\xff\xd8\xff\xe0 not really a jpeg".to_vec());
         assert!(matches!(
             pre.tensor(Some(&garbage)),
             Err(FrameError::Decode { .. })
         ));
-        let tensor = |shape: Vec<u32>, data: Vec<f32>| Image::Tensor(Tensor { shape, data });
+        let tensor =
+            |shape: Vec<u32>, data: Vec<f32>| ImageInput::Tensor(TensorInput { shape, data });
         assert!(matches!(
             pre.tensor(Some(&tensor(vec![1, 3, 2, 3], vec![0.0; 18]))),
             Err(FrameError::TensorShape { .. })
@@ -323,7 +324,9 @@ mod tests {
             .expect("size")
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encodes");
-        let from_png = pre.tensor(Some(&Image::Encoded(png))).expect("decodes");
+        let from_png = pre
+            .tensor(Some(&ImageInput::Encoded(png)))
+            .expect("decodes");
         assert_eq!(
             from_png,
             pre.tensor(Some(&raw(2, 2, 3, px))).expect("valid")

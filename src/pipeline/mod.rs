@@ -1,11 +1,12 @@
 //! The data path, as one straight line per frame:
 //! receive → decode → batch → infer → score → respond.
 //!
-//! `Pipeline::judge` runs it for one frame; `order::drive` runs it for a
-//! whole stream, keeping verdicts in frame order.
-//!
-//! Every stage is timed into the metrics and, when tracing is on, recorded
-//! as a child span of the frame's span (see `crate::telemetry`).
+//! `Pipeline::judge` runs it for one frame and returns its `Judgement`;
+//! `order::drive` runs it for a whole stream, keeping answers in frame
+//! order. The pipeline speaks only the core's own types (`crate::domain`);
+//! each protocol converts at its edge. It tells its `FrameRecorder` (see
+//! `crate::telemetry`) when each stage ends; what that records is the
+//! recorder's business.
 
 pub mod batch;
 pub mod decode;
@@ -13,16 +14,17 @@ pub mod order;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::Context;
 use tokio::sync::Semaphore;
-use tracing::Instrument;
 
+use crate::domain::{
+    AppliedScoring, Decision, FrameRequest, ImageInput, Judgement, ScoringRequest, Timings,
+};
 use crate::error::FrameError;
 use crate::score::{self, Outputs, Scoring};
-use crate::telemetry::{FrameTrace, Gauges, Method, Outcome, Stage, Telemetry};
-use crate::wire::{Frame, ScoringOverride, Timings, Verdict};
+use crate::telemetry::{FrameFinish, FrameRecorder, Gauges, Rpc, Stage, Telemetry};
 
 pub use batch::{BatchOptions, Batcher, Inference};
 pub use decode::Preprocessor;
@@ -72,6 +74,23 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// A frame's judgement, and the bookkeeping that closes when it is sent.
+#[derive(Debug)]
+pub struct Answer {
+    /// The judgement to send.
+    pub judgement: Judgement,
+    /// Drop it once the judgement is sent (or abandoned): that ends the
+    /// frame's respond stage, its span and its in-flight count.
+    pub finish: Finish,
+}
+
+/// See [`Answer::finish`].
+#[derive(Debug)]
+pub struct Finish {
+    _recorded: FrameFinish,
+    _counted: InFlight,
+}
+
 impl Pipeline {
     /// Assembles the pipeline from its stages.
     pub fn new(
@@ -111,6 +130,11 @@ impl Pipeline {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Frames waiting for an engine worker.
+    pub fn queued(&self) -> usize {
+        self.batcher.queued()
+    }
+
     /// The scoring settings in force.
     pub fn options(&self) -> ScoringOptions {
         self.options
@@ -118,16 +142,18 @@ impl Pipeline {
 
     /// The scoring and threshold for one frame: the server's, or the frame's
     /// override when it is valid and inside the bounds.
-    pub fn resolve(&self, over: Option<&ScoringOverride>) -> Result<(Scoring, f32), FrameError> {
+    pub fn resolve(&self, over: Option<&ScoringRequest>) -> Result<AppliedScoring, FrameError> {
         let mut scoring = self.options.scoring;
         let Some(over) = over else {
-            return Ok((scoring, self.options.threshold));
+            return Ok(AppliedScoring {
+                scoring,
+                threshold: self.options.threshold,
+            });
         };
-        if !over.method.is_empty() {
-            scoring.method = over
-                .method
+        if let Some(method) = &over.method {
+            scoring.method = method
                 .parse()
-                .map_err(|_| FrameError::UnknownMethod(over.method.clone()))?;
+                .map_err(|_| FrameError::UnknownMethod(method.clone()))?;
         }
         let bounds = self.options.bounds;
         let check = |field, value: f32, min: f32, max: f32| {
@@ -162,236 +188,133 @@ impl Pipeline {
             Some(t) => check("threshold", t, f32::MIN, f32::MAX)?,
             None => self.options.threshold,
         };
-        Ok((scoring, threshold))
+        Ok(AppliedScoring { scoring, threshold })
     }
 
-    /// Frames waiting for an engine worker.
-    pub fn queued(&self) -> usize {
-        self.batcher.queued()
-    }
-
-    /// Judges one frame in-process. Never fails: a bad frame gets an error
-    /// verdict.
-    pub async fn judge(self: Arc<Self>, frame: Frame) -> Verdict {
-        self.judge_traced(frame, &Context::new(), Method::InProcess)
-            .await
-            .verdict
-    }
-
-    /// Judges one frame that came on `method`, tracing it as a child of the
-    /// frame's own `traceparent` or else of `parent` (the call's context).
-    /// The answer's frame span and end-to-end latency close when it is
-    /// dropped: drop it once the verdict is sent.
-    pub async fn judge_traced(
+    /// Judges one frame that came on `rpc`. Never fails: a bad frame gets a
+    /// judgement carrying its error. `parent` is the call's trace context,
+    /// the parent of frames that carry none of their own.
+    pub async fn judge(
         self: Arc<Self>,
-        frame: Frame,
+        request: FrameRequest,
         parent: &Context,
-        method: Method,
+        rpc: Rpc,
     ) -> Answer {
         let arrived = Instant::now();
         let counted = InFlight::enter(Arc::clone(&self));
-        let Frame {
-            frame_id,
+        let recorder = self
+            .telemetry
+            .frame(parent, &request.trace, rpc, &request.id, arrived);
+        let FrameRequest {
+            id,
             image,
             attributes,
             scoring,
-            traceparent,
-            tracestate,
-        } = frame;
-        let trace = self.telemetry.frame(
-            parent,
-            &traceparent,
-            &tracestate,
-            method,
-            &frame_id,
-            arrived,
-        );
-        let mut verdict = Verdict {
-            frame_id,
-            attributes,
-            ..Verdict::default()
-        };
-        let resolved = self.resolve(scoring.as_ref());
-        let received = Instant::now();
-        self.stage(trace.as_ref(), Stage::Receive, arrived, received);
-        let result = match resolved {
-            Ok((scoring, threshold)) => {
-                let run = self.run(image, scoring, threshold, &trace, &mut verdict);
-                match &trace {
-                    // Log lines of this frame carry its trace and span ids.
-                    Some(t) => run.instrument(t.log_span("frame")).await,
-                    None => run.await,
-                }
+            ..
+        } = request;
+        // Receive: the frame's own scoring, checked against the bounds.
+        let applied = self.resolve(scoring.as_ref());
+        let in_force = applied.as_ref().ok().copied();
+        recorder.stage(Stage::Receive, arrived, Instant::now());
+        let mut timings = Timings::default();
+        let outcome = match applied {
+            Ok(applied) => {
+                recorder
+                    .scope(self.run(image, applied, &recorder, &mut timings))
+                    .await
             }
             Err(error) => Err(error),
         };
         let ready = Instant::now();
-        let error = result.err();
-        if let Some(error) = &error {
-            verdict.error = Some(error.into());
-        }
-        let timings = verdict.timings.get_or_insert_with(Timings::default);
-        timings.total_us = micros(ready - arrived);
-        let outcome = match (&error, verdict.in_distribution) {
-            (Some(_), _) => Outcome::Error,
-            (None, true) => Outcome::In,
-            (None, false) => Outcome::Out,
+        timings.total = ready - arrived;
+        let judgement = Judgement {
+            frame_id: id,
+            attributes,
+            scoring: in_force,
+            outcome,
+            timings,
         };
-        if let Some(t) = &trace {
-            let mut attributes = vec![
-                KeyValue::new("odin.method", verdict.method.clone()),
-                KeyValue::new("odin.verdict", outcome.name()),
-            ];
-            match &error {
-                Some(error) => t.fail(error.reason(), error.to_string()),
-                None => attributes.extend([
-                    KeyValue::new("odin.score", f64::from(verdict.score)),
-                    KeyValue::new("odin.threshold", f64::from(verdict.threshold)),
-                    KeyValue::new("odin.predicted_class", i64::from(verdict.predicted_class)),
-                    KeyValue::new("odin.label", verdict.label.clone()),
-                ]),
-            }
-            t.set_attributes(attributes);
-        }
+        let recorded = recorder.finish(&judgement, ready);
         Answer {
-            verdict,
+            judgement,
             finish: Finish {
-                pipeline: Arc::clone(&self),
-                method,
-                arrived,
-                ready,
-                outcome,
-                reason: error.as_ref().map(FrameError::reason),
-                trace,
+                _recorded: recorded,
                 _counted: counted,
             },
         }
     }
 
-    fn stage(&self, trace: Option<&FrameTrace>, stage: Stage, start: Instant, end: Instant) {
-        self.telemetry.metrics().stage(stage, end - start);
-        if let Some(t) = trace {
-            t.stage(stage, start, end);
-        }
-    }
-
+    /// Decode → batch and infer → score, for a frame whose scoring is valid.
     async fn run(
         self: &Arc<Self>,
-        image: Option<crate::wire::frame::Image>,
-        scoring: Scoring,
-        threshold: f32,
-        trace: &Option<FrameTrace>,
-        verdict: &mut Verdict,
-    ) -> Result<(), FrameError> {
-        verdict.method = scoring.method.to_string();
-        verdict.temperature = scoring.temperature;
-        verdict.epsilon = scoring.effective_epsilon();
-        verdict.threshold = threshold;
-        let decode_start = Instant::now();
-        // Decoding can take milliseconds for large JPEGs: keep it off the
-        // async runtime's threads.
+        image: Option<ImageInput>,
+        applied: AppliedScoring,
+        recorder: &FrameRecorder,
+        timings: &mut Timings,
+    ) -> Result<Decision, FrameError> {
+        let started = Instant::now();
+        let input = self.decode(image).await;
+        let decoded = Instant::now();
+        recorder.stage(Stage::Decode, started, decoded);
+        timings.decode = decoded - started;
+        let input = input?;
+
+        let perturbation = applied.scoring.perturbation();
+        let inference = self
+            .batcher
+            .infer(input, perturbation, recorder.trace())
+            .await?;
+        recorder.engine(inference.queued, inference.compute, inference.batch_size);
+        timings.queue = inference.queued;
+        timings.inference = inference.compute;
+
+        let scored = Instant::now();
+        let decision = self.score(inference, applied);
+        recorder.stage(Stage::Score, scored, Instant::now());
+        Ok(decision)
+    }
+
+    /// Decodes on the blocking pool, a bounded number at a time: a large
+    /// JPEG takes milliseconds, which must not block the async runtime.
+    async fn decode(self: &Arc<Self>, image: Option<ImageInput>) -> Result<Vec<f32>, FrameError> {
         let permit = Arc::clone(&self.decoders)
             .acquire_owned()
             .await
             .map_err(|_| FrameError::Unavailable)?;
         let this = Arc::clone(self);
-        let input = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
             this.preprocessor.tensor(image.as_ref())
         })
         .await
-        .map_err(|e| FrameError::Engine(format!("decode task failed: {e}")))?;
-        let decoded = Instant::now();
-        self.stage(trace.as_ref(), Stage::Decode, decode_start, decoded);
-        let input = input?;
-        // The worker records the queue and batch spans; their metrics are
-        // recorded here, from the durations it reports.
-        let inference = self
-            .batcher
-            .infer(input, scoring.perturbation(), trace.clone())
-            .await?;
-        let metrics = self.telemetry.metrics();
-        metrics.stage(Stage::Queue, inference.queued);
-        metrics.stage(Stage::Batch, inference.compute);
-        let score_start = Instant::now();
-        self.score(&inference, scoring, verdict);
-        if let Some(t) = trace {
-            t.set_attributes([KeyValue::new(
-                "odin.batch_size",
-                inference.batch_size as i64,
-            )]);
-        }
-        self.stage(trace.as_ref(), Stage::Score, score_start, Instant::now());
-        verdict.timings = Some(Timings {
-            decode_us: micros(decoded - decode_start),
-            queue_us: micros(inference.queued),
-            inference_us: micros(inference.compute),
-            total_us: 0,
-        });
-        Ok(())
+        .map_err(|e| FrameError::Internal(format!("decode task failed: {e}")))?
     }
 
-    fn score(&self, inference: &Inference, scoring: Scoring, verdict: &mut Verdict) {
-        let logits = &inference.logits;
-        let class = score::argmax(logits);
-        verdict.score = scoring.score(Outputs {
+    fn score(&self, inference: Inference, applied: AppliedScoring) -> Decision {
+        let Inference {
             logits,
-            perturbed: inference.perturbed_logits.as_deref(),
+            perturbed_logits,
+            ..
+        } = inference;
+        let class = score::argmax(&logits);
+        let value = applied.scoring.score(Outputs {
+            logits: &logits,
+            perturbed: perturbed_logits.as_deref(),
         });
-        verdict.in_distribution = verdict.score >= verdict.threshold;
-        verdict.predicted_class = class as i32;
-        verdict.label = self.labels.get(class).cloned().unwrap_or_default();
-        verdict.max_softmax = score::max_softmax(logits, 1.0);
-    }
-}
-
-/// A frame's verdict, and the bookkeeping that closes when it is sent.
-#[derive(Debug)]
-pub struct Answer {
-    /// The verdict to send.
-    pub verdict: Verdict,
-    /// Dropped once the verdict is sent (or abandoned).
-    pub finish: Finish,
-}
-
-/// Records the respond stage, the frame's end-to-end latency and outcome,
-/// and ends its span, when dropped: after the verdict is sent, or when the
-/// stream goes away with it still pending.
-pub struct Finish {
-    pipeline: Arc<Pipeline>,
-    method: Method,
-    arrived: Instant,
-    ready: Instant,
-    outcome: Outcome,
-    reason: Option<&'static str>,
-    trace: Option<FrameTrace>,
-    _counted: InFlight,
-}
-
-impl std::fmt::Debug for Finish {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Finish")
-            .field("method", &self.method)
-            .field("outcome", &self.outcome)
-            .finish()
-    }
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        let sent = Instant::now();
-        let metrics = self.pipeline.telemetry.metrics();
-        metrics.stage(Stage::Respond, sent - self.ready);
-        metrics.frame(self.method, sent - self.arrived, self.outcome, self.reason);
-        if let Some(t) = &self.trace {
-            t.stage(Stage::Respond, self.ready, sent);
-            t.end(sent);
+        Decision {
+            score: value,
+            in_distribution: value >= applied.threshold,
+            predicted_class: class,
+            label: self.labels.get(class).cloned().unwrap_or_default(),
+            max_softmax: score::max_softmax(&logits, 1.0),
+            logits,
         }
     }
 }
 
 /// Counts a frame as in flight until dropped (also when its future is
 /// cancelled mid-way).
+#[derive(Debug)]
 struct InFlight(Arc<Pipeline>);
 
 impl InFlight {
@@ -405,8 +328,4 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

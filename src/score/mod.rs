@@ -50,7 +50,7 @@ impl FromStr for Method {
             "maxlogit" | "max-logit" => Ok(Method::MaxLogit),
             "energy" => Ok(Method::Energy),
             other => Err(format!(
-                "unknown scoring method {other:?}: use msp, maxlogit or energy"
+                "unknown scoring method {other:?}: use msp, odin, energy or maxlogit"
             )),
         }
     }

@@ -1,16 +1,21 @@
-//! `odin.v1.Detector`: receives frames and hands them to the pipeline.
-//! Handlers do no heavy work themselves; everything was loaded at start-up.
+//! `odin.v1.Detector`: converts each call's messages into the core's types,
+//! hands them to the pipeline, and converts the judgements back. Handlers
+//! do no heavy work themselves; everything was loaded at start-up.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::domain::FrameRequest;
 use crate::pipeline::{order, Pipeline};
-use crate::telemetry::{Method, Telemetry};
-use crate::wire::{detector_server::Detector, Frame, GetModelInfoRequest, ModelInfo, Verdict};
+use crate::telemetry::{Rpc, Telemetry};
+use crate::wire::odin_v1::{
+    detector_server::Detector, Frame, GetModelInfoRequest, ModelInfo, Verdict,
+};
 
 /// The Detector service.
 #[derive(Debug, Clone)]
@@ -18,35 +23,25 @@ pub struct DetectorService {
     pipeline: Arc<Pipeline>,
     info: Arc<ModelInfo>,
     window: usize,
-    // Admission control for unary calls; `None` admits everything (callers
-    // then wait for room in the engine queue, like streams do).
-    unary_slots: Option<Arc<Semaphore>>,
 }
 
 impl DetectorService {
     /// A service judging frames with `pipeline`, describing itself with
     /// `info`, allowing `window` frames in flight per stream.
-    pub fn new(
-        pipeline: Arc<Pipeline>,
-        info: ModelInfo,
-        window: usize,
-        max_unary_in_flight: usize,
-    ) -> DetectorService {
+    pub fn new(pipeline: Arc<Pipeline>, info: ModelInfo, window: usize) -> DetectorService {
         DetectorService {
             pipeline,
             info: Arc::new(info),
             window,
-            unary_slots: (max_unary_in_flight > 0)
-                .then(|| Arc::new(Semaphore::new(max_unary_in_flight))),
         }
     }
 }
 
 /// Counts a `Detect` stream as open until dropped.
-struct StreamOpen<'a>(&'a Telemetry);
+struct StreamOpen(Arc<Telemetry>);
 
-impl<'a> StreamOpen<'a> {
-    fn enter(telemetry: &'a Telemetry) -> StreamOpen<'a> {
+impl StreamOpen {
+    fn enter(telemetry: Arc<Telemetry>) -> StreamOpen {
         telemetry
             .metrics()
             .streams_open
@@ -55,7 +50,7 @@ impl<'a> StreamOpen<'a> {
     }
 }
 
-impl Drop for StreamOpen<'_> {
+impl Drop for StreamOpen {
     fn drop(&mut self) {
         self.0
             .metrics()
@@ -73,45 +68,39 @@ impl Detector for DetectorService {
         request: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::DetectStream>, Status> {
         let telemetry = Arc::clone(self.pipeline.telemetry());
-        // The call's trace context: parent of frames that carry none of their own.
-        let parent = telemetry.extract_metadata(request.metadata());
-        let frames = request.into_inner();
+        let options = order::StreamOptions {
+            window: self.window,
+            parent: telemetry.caller_context(request.metadata()),
+            rpc: Rpc::Detect,
+        };
+        let frames = request
+            .into_inner()
+            .map(|frame| frame.map(FrameRequest::from));
         let (verdicts, out) = mpsc::channel(self.window.max(1));
         let drive = order::drive(
             Arc::clone(&self.pipeline),
             frames,
             verdicts,
-            self.window,
-            parent,
+            Verdict::from,
+            options,
         );
         tokio::spawn(async move {
             // A guard, so a task dropped mid-stream (runtime shutdown) still
             // closes its count.
-            let _open = StreamOpen::enter(&telemetry);
+            let _open = StreamOpen::enter(telemetry);
             drive.await;
         });
         Ok(Response::new(ReceiverStream::new(out)))
     }
 
     async fn detect_one(&self, request: Request<Frame>) -> Result<Response<Verdict>, Status> {
-        let _slot = match &self.unary_slots {
-            Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
-                Status::resource_exhausted(
-                    "too many DetectOne calls in flight; retry with backoff or use Detect streams",
-                )
-            })?),
-            None => None,
-        };
-        let parent = self
-            .pipeline
-            .telemetry()
-            .extract_metadata(request.metadata());
+        let parent = self.pipeline.telemetry().caller_context(request.metadata());
         let answer = Arc::clone(&self.pipeline)
-            .judge_traced(request.into_inner(), &parent, Method::DetectOne)
+            .judge(request.into_inner().into(), &parent, Rpc::DetectOne)
             .await;
         // tonic encodes and sends after we return, so the unary respond stage
         // ends here; its sending is outside the frame span.
-        Ok(Response::new(answer.verdict))
+        Ok(Response::new(answer.judgement.into()))
     }
 
     async fn get_model_info(

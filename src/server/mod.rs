@@ -1,6 +1,12 @@
-//! The gRPC surface: the `odin.v1.Detector` service plus the standard health
-//! and reflection services, assembled into one tonic router.
+//! The network surface: the gRPC services (`odin.v1.Detector`, health,
+//! reflection) behind one layered stack, and the plain-HTTP endpoints for
+//! scrapers and probes that cannot speak gRPC. `crate::app` binds the
+//! listeners and runs them.
 
 pub mod detector;
+pub mod health;
+pub mod http;
+pub mod stack;
 
 pub use detector::DetectorService;
+pub use health::Health;

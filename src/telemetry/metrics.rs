@@ -1,5 +1,6 @@
-//! The sidecar's metrics: a fixed registry of atomics, rendered as
-//! Prometheus text on `/metrics`.
+//! The sidecar's metrics: a fixed registry of atomics, read as `Family`s
+//! that both exports share (Prometheus text in `exposition`, the OTLP push
+//! in `push`), so they always agree.
 //!
 //! Why not the OpenTelemetry metrics SDK or the `prometheus` crate: every
 //! series here is known at compile time (stages, verdicts, error reasons are
@@ -14,11 +15,10 @@
 //! map to Prometheus the way the OpenTelemetry Prometheus exporter does:
 //! dots become underscores, the unit is suffixed, counters end in `_total`.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::error::FrameError;
+use crate::error::Reason;
 
 /// Upper bounds (seconds) of the latency histograms' buckets: 50 µs to 10 s,
 /// roughly ×2.5 apart, so a CPU frame (~ms) and a stalled queue both resolve.
@@ -157,7 +157,7 @@ pub struct Metrics {
     /// Frames per engine run.
     pub batch_size: Histogram,
     frames: [AtomicU64; 3],
-    errors: Vec<AtomicU64>,
+    errors: [AtomicU64; Reason::ALL.len()],
     /// Spans dropped because the export queue was full or an export failed.
     pub spans_dropped: AtomicU64,
     /// Spans handed to the exporter successfully.
@@ -174,10 +174,7 @@ impl Default for Metrics {
             stages: std::array::from_fn(|_| Histogram::new(&LATENCY_BOUNDS)),
             batch_size: Histogram::new(&BATCH_BOUNDS),
             frames: std::array::from_fn(|_| AtomicU64::new(0)),
-            errors: FrameError::REASONS
-                .iter()
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
             spans_dropped: AtomicU64::new(0),
             spans_exported: AtomicU64::new(0),
             streams_open: AtomicU64::new(0),
@@ -187,7 +184,7 @@ impl Default for Metrics {
 
 /// The RPC a frame came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub enum Rpc {
     /// A frame of a `Detect` stream.
     Detect,
     /// A `DetectOne` call.
@@ -196,13 +193,18 @@ pub enum Method {
     InProcess,
 }
 
-impl Method {
+impl Rpc {
+    /// The `rpc.service` value.
+    pub fn service(self) -> &'static str {
+        "odin.v1.Detector"
+    }
+
     /// The `rpc.method` value.
     pub fn name(self) -> &'static str {
         match self {
-            Method::Detect => "Detect",
-            Method::DetectOne => "DetectOne",
-            Method::InProcess => "in-process",
+            Rpc::Detect => "Detect",
+            Rpc::DetectOne => "DetectOne",
+            Rpc::InProcess => "in-process",
         }
     }
 }
@@ -220,18 +222,16 @@ impl Metrics {
 
     /// Records a finished frame: its end-to-end latency, outcome and, for
     /// an error, its reason.
-    pub fn frame(&self, method: Method, total: Duration, outcome: Outcome, reason: Option<&str>) {
-        match method {
-            Method::Detect => self.duration_detect.record_duration(total),
-            Method::DetectOne => self.duration_detect_one.record_duration(total),
+    pub fn frame(&self, rpc: Rpc, total: Duration, outcome: Outcome, reason: Option<Reason>) {
+        match rpc {
+            Rpc::Detect => self.duration_detect.record_duration(total),
+            Rpc::DetectOne => self.duration_detect_one.record_duration(total),
             // In-process frames are no RPC; their stages still count.
-            Method::InProcess => {}
+            Rpc::InProcess => {}
         }
         self.frames[outcome as usize].fetch_add(1, Ordering::Relaxed);
         if let Some(reason) = reason {
-            if let Some(i) = FrameError::REASONS.iter().position(|r| *r == reason) {
-                self.errors[i].fetch_add(1, Ordering::Relaxed);
-            }
+            self.errors[reason.index()].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -310,10 +310,10 @@ impl Metrics {
                 unit: "{frame}",
                 kind: Kind::Counter,
                 help: "Frames answered with an error, by reason.",
-                points: FrameError::REASONS
+                points: Reason::ALL
                     .iter()
                     .zip(&self.errors)
-                    .map(|(r, c)| int(vec![("reason", r.to_string())], c))
+                    .map(|(r, c)| int(vec![("reason", r.as_str().to_string())], c))
                     .collect(),
             },
             Family {
@@ -352,35 +352,6 @@ impl Metrics {
                 points: vec![gauge(gauges.in_flight)],
             },
         ]
-    }
-
-    /// Prometheus text exposition format 0.0.4 of every metric.
-    pub fn render(&self, gauges: Gauges) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        for family in self.families(gauges) {
-            let name = family.prometheus_name();
-            let kind = match family.kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-                Kind::Histogram => "histogram",
-            };
-            let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", family.help);
-            for point in &family.points {
-                let labels: Vec<String> = point
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{}=\"{v}\"", k.replace('.', "_")))
-                    .collect();
-                let labels = labels.join(",");
-                match &point.value {
-                    Value::Int(v) => {
-                        let _ = writeln!(out, "{name}{} {v}", braces(&labels));
-                    }
-                    Value::Histogram(h) => histogram(&mut out, &name, &labels, h),
-                }
-            }
-        }
-        out
     }
 }
 
@@ -426,7 +397,7 @@ impl Family {
 }
 
 /// One series of a family.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     /// Attribute names (OpenTelemetry spelling) and values.
     pub labels: Vec<(&'static str, String)>,
@@ -435,7 +406,7 @@ pub struct Point {
 }
 
 /// A series' value.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     /// A counter or gauge.
     Int(u64),
@@ -444,7 +415,7 @@ pub enum Value {
 }
 
 /// A histogram read at one instant.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HistogramSnapshot {
     /// Upper bounds of the finite buckets.
     pub bounds: &'static [f64],
@@ -476,62 +447,25 @@ impl Histogram {
     }
 }
 
-fn braces(labels: &str) -> String {
-    if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    }
-}
-
-fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut cumulative = 0;
-    for (bound, count) in h.bounds.iter().zip(&h.buckets) {
-        cumulative += count;
-        let _ = writeln!(
-            out,
-            r#"{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}"#
-        );
-    }
-    let _ = writeln!(
-        out,
-        r#"{name}_bucket{{{labels}{sep}le="+Inf"}} {}"#,
-        h.count
-    );
-    let _ = writeln!(out, "{name}_sum{} {}", braces(labels), h.sum);
-    let _ = writeln!(out, "{name}_count{} {}", braces(labels), h.count);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_counts_by_verdict_and_cumulative_buckets() {
+    fn every_reason_has_its_own_counter() {
         let m = Metrics::default();
-        m.frame(Method::Detect, Duration::from_millis(2), Outcome::In, None);
-        m.frame(
-            Method::Detect,
-            Duration::from_millis(20),
-            Outcome::Error,
-            Some("DECODE_FAILED"),
-        );
-        m.batch_size.record(3.0);
-        let text = m.render(Gauges {
-            queue_depth: 4,
-            in_flight: 5,
-        });
-        assert!(
-            text.contains(r#"odin_frames_total{verdict="in"} 1"#),
-            "{text}"
-        );
-        assert!(text.contains(r#"odin_frames_total{verdict="error"} 1"#));
-        assert!(text.contains(r#"odin_frame_errors_total{reason="DECODE_FAILED"} 1"#));
-        assert!(text.contains(r#"rpc_method="Detect",le="0.0025"} 1"#));
-        assert!(text.contains(r#"rpc_method="Detect",le="+Inf"} 2"#));
-        assert!(text.contains(r#"odin_batch_size_bucket{le="4"} 1"#));
-        assert!(text.contains("odin_queue_depth 4\n"));
-        assert!(text.contains("odin_frames_in_flight 5\n"));
+        for reason in Reason::ALL {
+            m.frame(Rpc::Detect, Duration::ZERO, Outcome::Error, Some(reason));
+        }
+        let families = m.families(Gauges::default());
+        let errors = families
+            .iter()
+            .find(|f| f.name == "odin.frame.errors")
+            .expect("errors family");
+        assert_eq!(errors.points.len(), Reason::ALL.len());
+        for point in &errors.points {
+            assert_eq!(point.value, Value::Int(1), "{:?}", point.labels);
+        }
+        assert_eq!(m.frames(Outcome::Error), Reason::ALL.len() as u64);
     }
 }

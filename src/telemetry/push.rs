@@ -176,12 +176,12 @@ fn unix_nanos(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::{Method, Outcome};
+    use crate::telemetry::{Outcome, Rpc};
 
     #[test]
     fn every_family_becomes_one_otlp_metric() {
         let m = Metrics::default();
-        m.frame(Method::Detect, Duration::from_millis(3), Outcome::Out, None);
+        m.frame(Rpc::Detect, Duration::from_millis(3), Outcome::Out, None);
         let families = m.families(Gauges::default());
         let request = request(&families, &Resource::default(), 1);
         let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;

@@ -10,7 +10,7 @@ use odin_sidecar::app::App;
 use odin_sidecar::config::ServeConfig;
 use odin_sidecar::dataset::{shared_data_dir, RawSet};
 use odin_sidecar::model::ModelSource;
-use odin_sidecar::wire::detector_client::DetectorClient;
+use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -54,7 +54,7 @@ pub struct TestServer {
     /// Where `GET /metrics` is served.
     pub metrics_addr: SocketAddr,
     pub telemetry: std::sync::Arc<odin_sidecar::telemetry::Telemetry>,
-    pub app_info: odin_sidecar::wire::ModelInfo,
+    pub app_info: odin_sidecar::domain::ModelInfo,
     pub pipeline: std::sync::Arc<odin_sidecar::pipeline::Pipeline>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -70,7 +70,7 @@ impl TestServer {
             .expect("bind loopback");
         let metrics_addr = metrics_listener.local_addr().expect("local addr");
         // Lives as long as the test's runtime.
-        tokio::spawn(app.serve_metrics(metrics_listener, std::future::pending()));
+        tokio::spawn(app.serve_http(metrics_listener, std::future::pending()));
         // Bind before spawning, so the port is ready when we return.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -116,7 +116,7 @@ impl TestServer {
             .await
             .expect("connects to /metrics");
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .await
             .expect("writes request");
         let mut response = String::new();
@@ -187,8 +187,8 @@ pub fn encode(pixels: &[u8], width: u32, height: u32, format: image::ImageFormat
 /// Streams `frames` on one Detect call of `client` and collects every verdict.
 pub async fn detect_all(
     mut client: DetectorClient<Channel>,
-    frames: Vec<odin_sidecar::wire::Frame>,
-) -> Vec<odin_sidecar::wire::Verdict> {
+    frames: Vec<odin_sidecar::wire::odin_v1::Frame>,
+) -> Vec<odin_sidecar::wire::odin_v1::Verdict> {
     use tokio_stream::StreamExt;
     let mut stream = client
         .detect(tokio_stream::iter(frames))

@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::app;
 use crate::cli::ModelArgs;
+use crate::wire::odin_v1;
 
 /// Flags of `bench serve`.
 #[derive(Debug, Clone, Args)]
@@ -182,10 +183,10 @@ pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let set = crate::dataset::RawSet::open(&args.data)?;
-    let pool: Arc<Vec<crate::wire::Frame>> = Arc::new(
+    let pool: Arc<Vec<odin_v1::Frame>> = Arc::new(
         (0..set.n.min(2048))
-            .map(|i| crate::wire::Frame {
-                image: Some(crate::wire::frame::Image::Raw(set.raw(i))),
+            .map(|i| odin_v1::Frame {
+                image: Some(odin_v1::frame::Image::Raw(set.raw(i).into())),
                 ..Default::default()
             })
             .collect(),
