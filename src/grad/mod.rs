@@ -7,10 +7,14 @@
 //! stock builds can run, so the adjoint of every node on the path from `x`
 //! to `z` is emitted here, in reverse, from a table of exact rules.
 //!
-//! The pass, in order: decode → topological order → which tensors vary
-//! with `x` (one memoised sweep) → probe run (constant folding, shapes) →
+//! [`derive`] runs the pass as one function per step, in order: decode
+//! (one image input, the opset) → topological order → where the gradient
+//! starts (past a trailing Softmax) → which tensors vary with `x` (one
+//! memoised sweep) → probe run (constant folding, shapes) →
 //! differentiable path → coverage check (one error for every uncovered
-//! node) → seed ∂L/∂z → reverse sweep → ODIN outputs → encode.
+//! node) → seed ∂L/∂z → reverse sweep → ODIN outputs → encode. The
+//! analysis steps refuse a model before anything is emitted; what they
+//! establish travels to the emitting steps in a `Plan`.
 
 #![warn(missing_docs)]
 
@@ -24,12 +28,14 @@ use std::fmt;
 
 use prost::Message;
 
-use crate::onnx::{tensor_proto::DataType, ModelProto, NodeProto, TypeProto, ValueInfoProto};
+use crate::onnx::{
+    tensor_proto::DataType, GraphProto, ModelProto, NodeProto, TypeProto, ValueInfoProto,
+};
 
 use self::attrs::node_label;
 use self::emit::Emitter;
 use self::graph::{is_float, TensorInfo};
-use self::rules::{Adjoint, RuleTable};
+use self::rules::{Adjoint, Rule, RuleTable};
 
 /// The oldest default-domain opset the emitted formulations are written
 /// for (axes as inputs of ReduceSum/Unsqueeze/Squeeze/Split).
@@ -168,7 +174,86 @@ pub enum GradError {
 
 /// Derives the ODIN perturbation graph of `model` (ONNX bytes).
 pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError> {
-    let mut proto = ModelProto::decode(model)?;
+    let proto = ModelProto::decode(model)?;
+    let mut summary = Summary::default();
+    let source = Source::read(&proto)?;
+    summary.ops_found = count_ops(source.graph);
+    let order = graph::topological_order(source.graph)?;
+    let z = gradient_start(source.graph, source.output, &mut summary.notes);
+    let varying = varying_with_input(source.graph, &order, source.x, &z)?;
+    let table = RuleTable::standard();
+    let facts = probe(&source, &order, &table, &z, &varying)?;
+    let carries = |_: &NodeProto, o: &str| facts.is_float(o);
+    let (active, on_path) =
+        differentiable_path(source.graph, &order, &table, source.x, &z, &carries);
+    check_coverage(&source, &table, &active, &on_path)?;
+    let plan = Plan {
+        source,
+        z,
+        order,
+        table,
+        facts,
+        active,
+        on_path,
+    };
+
+    let mut em = Emitter::new(reserve_names(plan.source.graph, &plan.z)?);
+    let dz = seed(&mut em, &plan.z, &plan.facts.z);
+    let g = reverse_sweep(&mut em, &plan, dz, &mut summary.rules_applied)?;
+    odin_outputs(&mut em, &plan, &g, options)?;
+    summary.nodes_added = em.nodes.len();
+    let outputs = output_signature(&plan.facts, options.raw_gradient);
+    let bytes = encode(proto, em, outputs)?;
+    Ok(Derived { bytes, summary })
+}
+
+/// The parts of the model the pass is defined on.
+struct Source<'m> {
+    /// The whole model (the probe runs it; opsets of other domains).
+    proto: &'m ModelProto,
+    /// Its graph.
+    graph: &'m GraphProto,
+    /// The default-domain opset it imports.
+    opset: i64,
+    /// The one image input.
+    input: &'m ValueInfoProto,
+    /// That input's name.
+    x: &'m str,
+    /// The name of the first output (the logits, or what follows them).
+    output: &'m str,
+}
+
+impl<'m> Source<'m> {
+    /// Reads the opset, the image input and the first output. Every later
+    /// step assumes a graph, one non-initializer input and an opset the
+    /// emitted formulations are written for; refusing here gives one
+    /// actionable message instead of a failure deep in the sweep.
+    fn read(proto: &'m ModelProto) -> Result<Self, GradError> {
+        let opset = default_opset(proto)?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| GradError::Model("the model has no graph".into()))?;
+        let input = image_input(graph)?;
+        let output = graph
+            .output
+            .first()
+            .ok_or_else(|| GradError::Model("the model has no outputs".into()))?;
+        Ok(Source {
+            proto,
+            graph,
+            opset,
+            input,
+            x: input.name(),
+            output: output.name(),
+        })
+    }
+}
+
+/// The default-domain opset, refused below [`MIN_OPSET`]: the rules emit
+/// ReduceSum/Unsqueeze/Squeeze/Split with axes as inputs, which older
+/// opsets read as attributes.
+fn default_opset(proto: &ModelProto) -> Result<i64, GradError> {
     let opset = proto
         .opset_import
         .iter()
@@ -180,114 +265,176 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
             "opset {opset} is older than {MIN_OPSET}; convert the model (e.g. onnx.version_converter) first"
         )));
     }
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| GradError::Model("the model has no graph".into()))?;
+    Ok(opset)
+}
+
+/// The one graph input that is not an initializer: older exporters list
+/// weights among the inputs, and ODIN perturbs a single image tensor.
+fn image_input(graph: &GraphProto) -> Result<&ValueInfoProto, GradError> {
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let inputs: Vec<&ValueInfoProto> = graph
         .input
         .iter()
         .filter(|i| !initializers.contains(i.name()))
         .collect();
-    let [input] = inputs.as_slice() else {
-        return Err(GradError::Model(format!(
+    match inputs.as_slice() {
+        [input] => Ok(*input),
+        _ => Err(GradError::Model(format!(
             "expected one image input, found {}",
             inputs.len()
-        )));
-    };
-    let input = (*input).clone();
-    let x = input.name().to_string();
-    let first_output = graph
-        .output
-        .first()
-        .ok_or_else(|| GradError::Model("the model has no outputs".into()))?;
-    let mut summary = Summary::default();
-    for node in &graph.node {
-        *summary.ops_found.entry(op_label(node)).or_default() += 1;
+        ))),
     }
+}
 
-    let order = graph::topological_order(graph)?;
-    let producer: HashMap<&str, usize> = graph
+/// Every op of the model with its node count, so the summary shows what
+/// the pass saw whether or not it is on the differentiable path.
+fn count_ops(graph: &GraphProto) -> BTreeMap<String, usize> {
+    let mut ops = BTreeMap::new();
+    for node in &graph.node {
+        *ops.entry(op_label(node)).or_default() += 1;
+    }
+    ops
+}
+
+/// The tensor the gradient starts from: the first output, or the input of
+/// a trailing (Log)Softmax, which is noted. ODIN's loss is the
+/// cross-entropy of softmax(z/T) of the logits; through a trailing
+/// softmax it would be the cross-entropy of a probability instead.
+fn gradient_start(graph: &GraphProto, output: &str, notes: &mut Vec<String>) -> String {
+    // The last producer of the name, should a malformed graph have several.
+    let producer = graph
         .node
         .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
-
-    // Differentiate from the logits: a trailing (Log)Softmax would turn
-    // the loss into CE of a probability, not of the logits ODIN means.
-    let mut z = first_output.name().to_string();
-    if let Some(&p) = producer.get(z.as_str()) {
-        let node = &graph.node[p];
-        if matches!(node.op_type(), "Softmax" | "LogSoftmax") && node.domain().is_empty() {
+        .rev()
+        .find(|n| n.output.iter().any(|o| o == output));
+    match producer {
+        Some(node)
+            if matches!(node.op_type(), "Softmax" | "LogSoftmax") && node.domain().is_empty() =>
+        {
             let before = node.input.first().cloned().unwrap_or_default();
-            summary.notes.push(format!(
+            notes.push(format!(
                 "the model ends in {} ({}); the gradient starts from its input {before:?}, which is output as `logits`",
                 node.op_type(),
                 node_label(node)
             ));
-            z = before;
+            before
         }
+        _ => output.to_string(),
     }
+}
 
-    let varying = graph::varying(graph, &order, &x);
-    if !varying.contains(&z) {
+/// The tensors that vary with `x`. The probe reads the others' integer
+/// values as fixed adjoint geometry, and logits that do not vary with `x`
+/// have no gradient to take.
+fn varying_with_input(
+    graph: &GraphProto,
+    order: &[usize],
+    x: &str,
+    z: &str,
+) -> Result<HashSet<String>, GradError> {
+    let varying = graph::varying(graph, order, x);
+    if !varying.contains(z) {
         return Err(GradError::Model(format!(
             "the logits {z:?} do not depend on the input {x:?}"
         )));
     }
-    let table = RuleTable::standard();
-    let info = match graph::probe(&proto, &input, &varying) {
-        Ok(info) => info,
-        Err(e) => {
-            // The probe cannot run ops ONNX Runtime lacks (custom domains):
-            // still report every uncovered node, judged without dtypes.
-            let structural = |n: &NodeProto, _: &str| !non_differentiable(n);
-            let (_, on_path) = differentiable_path(graph, &order, &table, &x, &z, &structural);
-            let uncovered = uncovered_nodes(&proto, opset, &table, &on_path);
-            return Err(if uncovered.is_empty() {
-                e
-            } else {
-                GradError::Unsupported(uncovered)
-            });
+    Ok(varying)
+}
+
+/// What the probe run established about the tensors.
+struct Facts {
+    /// Every tensor's dtype, shape and (constant integers) value.
+    info: HashMap<String, TensorInfo>,
+    /// The image input's.
+    x: TensorInfo,
+    /// The logits'.
+    z: TensorInfo,
+}
+
+impl Facts {
+    /// Picks out and checks the input's and the logits' facts: the seed
+    /// needs float [N, K] logits, the ODIN step a float input.
+    fn new(info: HashMap<String, TensorInfo>, x: &str, z: &str) -> Result<Self, GradError> {
+        let fact = |name: &str| -> Result<TensorInfo, GradError> {
+            info.get(name)
+                .cloned()
+                .ok_or_else(|| GradError::Model(format!("no shape known for {name:?}")))
+        };
+        let z_info = fact(z)?;
+        let x_info = fact(x)?;
+        if z_info.shape.len() != 2 || !is_float(z_info.dtype) {
+            return Err(GradError::Model(format!(
+                "the logits {z:?} must be a float [N, K] tensor, probed as {:?}",
+                z_info.shape
+            )));
         }
-    };
-    let fact = |name: &str| -> Result<&TensorInfo, GradError> {
-        info.get(name)
-            .ok_or_else(|| GradError::Model(format!("no shape known for {name:?}")))
-    };
-    let z_info = fact(&z)?.clone();
-    let x_info = fact(&x)?.clone();
-    if z_info.shape.len() != 2 || !is_float(z_info.dtype) {
-        return Err(GradError::Model(format!(
-            "the logits {z:?} must be a float [N, K] tensor, probed as {:?}",
-            z_info.shape
-        )));
-    }
-    if !is_float(x_info.dtype) {
-        return Err(GradError::Model(format!("the input {x:?} must be float")));
+        if !is_float(x_info.dtype) {
+            return Err(GradError::Model(format!("the input {x:?} must be float")));
+        }
+        Ok(Facts {
+            info,
+            x: x_info,
+            z: z_info,
+        })
     }
 
-    let float_output = |_: &NodeProto, o: &str| info.get(o).is_some_and(|f| is_float(f.dtype));
-    let (active, on_path) = differentiable_path(graph, &order, &table, &x, &z, &float_output);
-    let uncovered = uncovered_nodes(&proto, opset, &table, &on_path);
+    /// Whether `name` is a floating-point tensor (integer and boolean
+    /// tensors carry no gradient).
+    fn is_float(&self, name: &str) -> bool {
+        self.info.get(name).is_some_and(|f| is_float(f.dtype))
+    }
+}
+
+/// Runs the model once for shapes, dtypes and folded constants, which the
+/// rules need and ONNX shape inference loses after exporters' unfolded
+/// constant chains. When the run fails on ops ONNX Runtime lacks (custom
+/// domains), every uncovered node is still reported, judged without
+/// dtypes, rather than the runtime's complaint about the first one.
+fn probe(
+    source: &Source<'_>,
+    order: &[usize],
+    table: &RuleTable,
+    z: &str,
+    varying: &HashSet<String>,
+) -> Result<Facts, GradError> {
+    let info = graph::probe(source.proto, source.input, varying).map_err(|e| {
+        let structural = |n: &NodeProto, _: &str| !non_differentiable(n);
+        let (_, on_path) =
+            differentiable_path(source.graph, order, table, source.x, z, &structural);
+        let uncovered = uncovered_nodes(source.proto, source.opset, table, &on_path);
+        if uncovered.is_empty() {
+            e
+        } else {
+            GradError::Unsupported(uncovered)
+        }
+    })?;
+    Facts::new(info, source.x, z)
+}
+
+/// Refuses the model before anything is emitted when a node on the path
+/// has no rule (all such nodes in one error, so a user converting a
+/// model sees the whole list at once), or when a covered op is reached
+/// through an input its rule does not differentiate, which would lose a
+/// term: refuse rather than guess.
+fn check_coverage(
+    source: &Source<'_>,
+    table: &RuleTable,
+    active: &HashSet<String>,
+    on_path: &[bool],
+) -> Result<(), GradError> {
+    let uncovered = uncovered_nodes(source.proto, source.opset, table, on_path);
     if !uncovered.is_empty() {
         return Err(GradError::Unsupported(uncovered));
     }
-    // A covered op reached through an input its rule does not
-    // differentiate would lose a term: refuse rather than guess.
-    for node in graph
+    let on_path_nodes = source
+        .graph
         .node
         .iter()
-        .zip(&on_path)
+        .zip(on_path)
         .filter(|(_, on)| **on)
-        .map(|(n, _)| n)
-    {
-        let Some(rule) = covered(&table, node)
-            .then(|| table.get(node.op_type()))
-            .flatten()
-        else {
+        .map(|(n, _)| n);
+    for node in on_path_nodes {
+        let Some(rule) = covered_rule(table, node) else {
             continue;
         };
         for (k, t) in node.input.iter().enumerate() {
@@ -295,7 +442,7 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
                 return Err(GradError::Rule {
                     node: node_label(node),
                     op: node.op_type().into(),
-                    opset,
+                    opset: source.opset,
                     detail: format!(
                         "input {k} ({t:?}) depends on the input image, but this rule only \
                          differentiates the other inputs"
@@ -304,8 +451,31 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
             }
         }
     }
+    Ok(())
+}
 
-    // Names the derived graph adds must not shadow the model's tensors.
+/// What the analysis established, shared by the emitting steps.
+struct Plan<'m> {
+    /// The model's graph, opset, input and output.
+    source: Source<'m>,
+    /// The tensor the gradient starts from (the logits).
+    z: String,
+    /// Node indices, producers before consumers.
+    order: Vec<usize>,
+    /// The adjoint rules.
+    table: RuleTable,
+    /// Probed dtypes, shapes and constants.
+    facts: Facts,
+    /// Tensors that carry gradient.
+    active: HashSet<String>,
+    /// Per node (by index): whether it lies on a path from `x` to `z`.
+    on_path: Vec<bool>,
+}
+
+/// Every name the model uses, which the emitter must avoid. The derived
+/// graph's own inputs and outputs must not shadow the model's tensors;
+/// only the logits may already be called `logits`.
+fn reserve_names(graph: &GraphProto, z: &str) -> Result<HashSet<String>, GradError> {
     let mut taken: HashSet<String> = graph
         .node
         .iter()
@@ -331,87 +501,109 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
             names::LOGITS
         )));
     }
-    let mut em = Emitter::new(taken);
+    Ok(taken)
+}
 
-    // Seed: ∂L/∂z = (softmax(z/T) − onehot(argmax z)) / T, per image.
+/// Emits ∂L/∂z = (softmax(z/T) − onehot(argmax z)) / T, per image, and
+/// returns its name: the loss is ODIN's, with the temperature an input of
+/// the derived graph so one graph serves every T.
+fn seed(em: &mut Emitter, z: &str, z_info: &TensorInfo) -> String {
     let dt = z_info.dtype;
     let k = z_info.shape[1];
-    let t = cast_if(&mut em, names::TEMPERATURE, dt);
-    let zt = em.node("Div", &[&z, &t], vec![]);
+    let t = cast_if(em, names::TEMPERATURE, dt);
+    let zt = em.node("Div", &[z, &t], vec![]);
     let p = em.node("Softmax", &[&zt], vec![attrs::int("axis", 1)]);
     let am = em.node(
         "ArgMax",
-        &[&z],
+        &[z],
         vec![attrs::int("axis", 1), attrs::int("keepdims", 1)],
     );
     let classes = em.ints(&(0..k).collect::<Vec<_>>());
     let eq = em.node("Equal", &[&am, &classes], vec![]);
     let onehot = em.node("Cast", &[&eq], vec![attrs::int("to", i64::from(dt))]);
     let diff = em.node("Sub", &[&p, &onehot], vec![]);
-    let dz = em.node("Div", &[&diff, &t], vec![]);
+    em.node("Div", &[&diff, &t], vec![])
+}
 
-    let mut grads: HashMap<String, Vec<String>> = HashMap::from([(z.clone(), vec![dz])]);
-    let is_active = |s: &str| active.contains(s);
-    for &i in order.iter().rev() {
-        if !on_path[i] {
-            continue;
-        }
-        let node = &graph.node[i];
+/// Emits the adjoint of every node on the path, consumers before
+/// producers, and returns the name of ∂L/∂x. A tensor with several
+/// consumers gets its contributions summed before its producer's rule
+/// runs; `rules_applied` counts the rules used, per op.
+fn reverse_sweep(
+    em: &mut Emitter,
+    plan: &Plan<'_>,
+    dz: String,
+    rules_applied: &mut BTreeMap<String, usize>,
+) -> Result<String, GradError> {
+    let mut grads: HashMap<String, Vec<String>> = HashMap::from([(plan.z.clone(), vec![dz])]);
+    for &i in plan.order.iter().rev().filter(|&&i| plan.on_path[i]) {
+        let node = &plan.source.graph.node[i];
         em.scope = node_label(node).replace(['<', '>', ' ', ','], "_");
-        let mut outs = vec![];
-        for o in &node.output {
-            outs.push(grads.remove(o).map(|v| sum(&mut em, v)));
-        }
-        // Coverage was checked above; this only guards that invariant.
-        let rule = *table.get(node.op_type()).ok_or_else(|| {
-            GradError::Unsupported(vec![Uncovered {
-                node: node_label(node),
-                op: op_label(node),
-                opset,
-            }])
-        })?;
-        let mut ad = Adjoint::new(node, opset, &info, &is_active, &mut em, outs);
-        (rule.adjoint)(&mut ad)?;
-        let in_grads = std::mem::take(&mut ad.in_grads);
+        let out_grads: Vec<Option<String>> = node
+            .output
+            .iter()
+            .map(|o| grads.remove(o).map(|v| sum(em, v)))
+            .collect();
+        let in_grads = adjoint(em, plan, node, out_grads)?;
         for (t, g) in node.input.iter().zip(in_grads) {
             if let Some(g) = g {
                 grads.entry(t.clone()).or_default().push(g);
             }
         }
-        *summary
-            .rules_applied
-            .entry(node.op_type().to_string())
-            .or_default() += 1;
+        *rules_applied.entry(node.op_type().to_string()).or_default() += 1;
     }
     em.scope = "odin".into();
-    let g = grads
-        .remove(&x)
-        .map(|v| sum(&mut em, v))
-        .ok_or_else(|| GradError::Model("no gradient reached the input".into()))?;
+    grads
+        .remove(plan.source.x)
+        .map(|v| sum(em, v))
+        .ok_or_else(|| GradError::Model("no gradient reached the input".into()))
+}
 
-    // perturbed = x − ε·s with s = (g ≥ 0 ? 1 : −1)/std, written as
-    // mask·(2/std) − 1/std: 2/std is exactly twice 1/std in floating point,
-    // so s is bit-identical to the reference's ±1/std.
+/// Runs `node`'s rule on the gradients of its outputs and returns the
+/// gradients it hands to its inputs, by input position.
+fn adjoint(
+    em: &mut Emitter,
+    plan: &Plan<'_>,
+    node: &NodeProto,
+    out_grads: Vec<Option<String>>,
+) -> Result<Vec<Option<String>>, GradError> {
+    let opset = plan.source.opset;
+    // Coverage was checked before emitting; this only guards that invariant.
+    let rule = *plan.table.get(node.op_type()).ok_or_else(|| {
+        GradError::Unsupported(vec![Uncovered {
+            node: node_label(node),
+            op: op_label(node),
+            opset,
+        }])
+    })?;
+    let is_active = |s: &str| plan.active.contains(s);
+    let mut ad = Adjoint::new(node, opset, &plan.facts.info, &is_active, em, out_grads);
+    (rule.adjoint)(&mut ad)?;
+    Ok(std::mem::take(&mut ad.in_grads))
+}
+
+/// Emits the derived graph's outputs from the gradient `g`: `perturbed` =
+/// x − ε·sign(g)/std (zero counting as +1, as in the reference), the raw
+/// `gradient` when asked for, and `logits` when the model's logits have
+/// another name.
+fn odin_outputs(
+    em: &mut Emitter,
+    plan: &Plan<'_>,
+    g: &str,
+    options: &GradOptions,
+) -> Result<(), GradError> {
+    let (x, z) = (plan.source.x, plan.z.as_str());
+    let x_info = &plan.facts.x;
     let c = x_info.shape.get(1).copied().unwrap_or(1);
-    let std = match options.std.len() {
-        1 => vec![options.std[0]; c as usize],
-        n if n as i64 == c => options.std.clone(),
-        n => {
-            return Err(GradError::Std(format!(
-                "{n} values given, the input has {c} channels"
-            )))
-        }
-    };
-    if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-        return Err(GradError::Std(format!(
-            "every std must be finite and positive: {std:?}"
-        )));
-    }
+    let std = channel_std(&options.std, c)?;
     let xdt = x_info.dtype;
     let mut cdims = vec![1i64; x_info.shape.len()];
     if cdims.len() > 1 {
         cdims[1] = c;
     }
+    // s = (g ≥ 0 ? 1 : −1)/std, written as mask·(2/std) − 1/std: 2/std is
+    // exactly twice 1/std in floating point, so s is bit-identical to the
+    // reference's ±1/std.
     let inv: Vec<f64> = if xdt == DataType::Double as i32 {
         std.iter().map(|s| 1.0 / f64::from(*s)).collect()
     } else {
@@ -421,57 +613,92 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
     let one_over = em.const_float(xdt, &inv, &cdims);
     let two_over = em.const_float(xdt, &two_inv, &cdims);
     let zero = em.scalar(xdt, 0.0);
-    let ge = em.node("GreaterOrEqual", &[&g, &zero], vec![]);
+    let ge = em.node("GreaterOrEqual", &[g, &zero], vec![]);
     let mask = em.node("Cast", &[&ge], vec![attrs::int("to", i64::from(xdt))]);
     let scaled = em.node("Mul", &[&mask, &two_over], vec![]);
     let s = em.node("Sub", &[&scaled, &one_over], vec![]);
-    let eps = cast_if(&mut em, names::EPSILON, xdt);
+    let eps = cast_if(em, names::EPSILON, xdt);
     let step = em.node("Mul", &[&eps, &s], vec![]);
-    em.node_named("Sub", &[&x, &step], vec![], names::PERTURBED);
+    em.node_named("Sub", &[x, &step], vec![], names::PERTURBED);
     if options.raw_gradient {
-        em.node_named("Identity", &[&g], vec![], names::GRADIENT);
+        em.node_named("Identity", &[g], vec![], names::GRADIENT);
     }
     if z != names::LOGITS {
-        em.node_named("Identity", &[&z], vec![], names::LOGITS);
+        em.node_named("Identity", &[z], vec![], names::LOGITS);
     }
+    Ok(())
+}
 
-    summary.nodes_added = em.nodes.len();
+/// One std per input channel (a single value is repeated), each finite
+/// and positive: ε is meant in [0, 1] pixel units, so the step is divided
+/// by the normalisation's std.
+fn channel_std(std: &[f32], channels: i64) -> Result<Vec<f32>, GradError> {
+    let std = match std.len() {
+        1 => vec![std[0]; channels as usize],
+        n if n as i64 == channels => std.to_vec(),
+        n => {
+            return Err(GradError::Std(format!(
+                "{n} values given, the input has {channels} channels"
+            )))
+        }
+    };
+    if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Err(GradError::Std(format!(
+            "every std must be finite and positive: {std:?}"
+        )));
+    }
+    Ok(std)
+}
+
+/// The derived graph's outputs, typed like the model's logits and input
+/// with a symbolic batch axis, so serving code can read the signature.
+fn output_signature(facts: &Facts, raw_gradient: bool) -> Vec<ValueInfoProto> {
+    let (z, x) = (&facts.z, &facts.x);
+    let mut outputs = vec![
+        value_info(names::LOGITS, z.dtype, &batch_dims(&z.shape)),
+        value_info(names::PERTURBED, x.dtype, &batch_dims(&x.shape)),
+    ];
+    if raw_gradient {
+        outputs.push(value_info(names::GRADIENT, x.dtype, &batch_dims(&x.shape)));
+    }
+    outputs
+}
+
+/// `shape` with its first axis symbolic: the probe ran at a batch size of
+/// its own choosing, which the signature must not pin.
+fn batch_dims(shape: &[i64]) -> Vec<Option<i64>> {
+    let mut d: Vec<Option<i64>> = shape.iter().map(|&v| Some(v)).collect();
+    if let Some(first) = d.first_mut() {
+        *first = None;
+    }
+    d
+}
+
+/// Appends what the emitter built, the two scalar inputs and the new
+/// outputs to the model and serialises it: the derived graph keeps the
+/// model's own nodes, so its logits are computed exactly as before.
+fn encode(
+    mut proto: ModelProto,
+    em: Emitter,
+    outputs: Vec<ValueInfoProto>,
+) -> Result<Vec<u8>, GradError> {
     let graph = proto
         .graph
         .as_mut()
         .ok_or_else(|| GradError::Model("the model has no graph".into()))?;
-    graph.node.extend(std::mem::take(&mut em.nodes));
-    graph
-        .initializer
-        .extend(std::mem::take(&mut em.initializers));
+    graph.node.extend(em.nodes);
+    graph.initializer.extend(em.initializers);
     graph.input.push(scalar_input(names::TEMPERATURE));
     graph.input.push(scalar_input(names::EPSILON));
-    let batch_dims = |shape: &[i64]| {
-        let mut d: Vec<Option<i64>> = shape.iter().map(|&v| Some(v)).collect();
-        if let Some(first) = d.first_mut() {
-            *first = None;
-        }
-        d
-    };
-    let mut outputs = vec![
-        value_info(names::LOGITS, dt, &batch_dims(&z_info.shape)),
-        value_info(names::PERTURBED, xdt, &batch_dims(&x_info.shape)),
-    ];
-    if options.raw_gradient {
-        outputs.push(value_info(names::GRADIENT, xdt, &batch_dims(&x_info.shape)));
-    }
     graph.output = outputs;
-    Ok(Derived {
-        bytes: proto.encode_to_vec(),
-        summary,
-    })
+    Ok(proto.encode_to_vec())
 }
 
 /// Which tensors carry gradient (varying with `x`, reached through a
 /// differentiable input of their producer, and accepted by `carries`), and
 /// which nodes lie on a path from `x` to `z` through them.
 fn differentiable_path(
-    graph: &crate::onnx::GraphProto,
+    graph: &GraphProto,
     order: &[usize],
     table: &RuleTable,
     x: &str,
@@ -481,9 +708,7 @@ fn differentiable_path(
     let mut active: HashSet<String> = HashSet::from([x.to_string()]);
     for &i in order {
         let node = &graph.node[i];
-        let rule = covered(table, node)
-            .then(|| table.get(node.op_type()))
-            .flatten();
+        let rule = covered_rule(table, node);
         let feeds = node.input.iter().enumerate().any(|(k, t)| {
             !t.is_empty() && active.contains(t) && rule.is_none_or(|r| (r.differentiable)(k))
         });
@@ -566,9 +791,21 @@ fn non_differentiable(node: &NodeProto) -> bool {
 
 /// Whether `node` is in the default domain, where the rule table applies.
 fn covered(table: &RuleTable, node: &NodeProto) -> bool {
-    matches!(node.domain(), "" | "ai.onnx") && table.get(node.op_type()).is_some()
+    covered_rule(table, node).is_some()
 }
 
+/// `node`'s rule, if covered: a custom-domain op that shares a name with
+/// a standard one is not the standard op.
+fn covered_rule<'t>(table: &'t RuleTable, node: &NodeProto) -> Option<&'t Rule> {
+    if matches!(node.domain(), "" | "ai.onnx") {
+        table.get(node.op_type())
+    } else {
+        None
+    }
+}
+
+/// An op as messages name it, with its domain when not the default one,
+/// so a vendor op is not mistaken for the standard op of that name.
 fn op_label(node: &NodeProto) -> String {
     match node.domain() {
         "" | "ai.onnx" => node.op_type().to_string(),
@@ -585,6 +822,8 @@ fn sum(em: &mut Emitter, mut parts: Vec<String>) -> String {
     em.node("Sum", &refs, vec![])
 }
 
+/// `name` cast to `dtype`: the scalar inputs are float, a double model
+/// needs them as double.
 fn cast_if(em: &mut Emitter, name: &str, dtype: i32) -> String {
     if dtype == DataType::Float as i32 {
         name.to_string()
@@ -593,6 +832,7 @@ fn cast_if(em: &mut Emitter, name: &str, dtype: i32) -> String {
     }
 }
 
+/// A tensor's declared signature (`None` dims are the symbolic `N`).
 fn value_info(name: &str, dtype: i32, dims: &[Option<i64>]) -> ValueInfoProto {
     use crate::onnx::tensor_shape_proto::{dimension::Value, Dimension};
     use crate::onnx::{type_proto, TensorShapeProto};
@@ -619,6 +859,7 @@ fn value_info(name: &str, dtype: i32, dims: &[Option<i64>]) -> ValueInfoProto {
     }
 }
 
+/// A float scalar graph input (`temperature`, `epsilon`).
 fn scalar_input(name: &str) -> ValueInfoProto {
     value_info(name, DataType::Float as i32, &[])
 }
