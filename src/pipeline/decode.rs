@@ -57,13 +57,13 @@ impl Preprocessor {
         match image {
             None => Err(FrameError::Empty),
             Some(ImageInput::Encoded(bytes)) if bytes.is_empty() => Err(FrameError::Empty),
-            Some(ImageInput::Encoded(bytes)) => self.from_image(decode(bytes)?),
-            Some(ImageInput::Raw(raw)) => self.from_image(raw_image(raw)?),
-            Some(ImageInput::Tensor(tensor)) => self.from_tensor(tensor),
+            Some(ImageInput::Encoded(bytes)) => self.image_tensor(decode(bytes)?),
+            Some(ImageInput::Raw(raw)) => self.image_tensor(raw_image(raw)?),
+            Some(ImageInput::Tensor(tensor)) => self.checked_tensor(tensor),
         }
     }
 
-    fn from_image(&self, image: DynamicImage) -> Result<Vec<f32>, FrameError> {
+    fn image_tensor(&self, image: DynamicImage) -> Result<Vec<f32>, FrameError> {
         let (w, h) = (self.spec.width, self.spec.height);
         let image = if (image.width(), image.height()) == (w, h) {
             image
@@ -100,7 +100,7 @@ impl Preprocessor {
         out
     }
 
-    fn from_tensor(&self, tensor: &TensorInput) -> Result<Vec<f32>, FrameError> {
+    fn checked_tensor(&self, tensor: &TensorInput) -> Result<Vec<f32>, FrameError> {
         let chw = self.chw();
         let dims: Vec<usize> = tensor.shape.iter().map(|d| *d as usize).collect();
         let shape_ok = dims == chw || (dims.len() == 4 && dims[0] == 1 && dims[1..] == chw);

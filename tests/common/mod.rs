@@ -30,10 +30,12 @@ pub fn repo_dir() -> PathBuf {
 
 /// Serving config for the real ResNet-20 from `shared/data`, on CPU.
 pub fn resnet20() -> ServeConfig {
-    let mut config = ServeConfig::default();
-    config.model = ModelSource::File {
-        model: data_dir().join("models/resnet20_cifar10.onnx"),
-        card: Some(repo_dir().join("models/resnet20_cifar10.card.json")),
+    let mut config = ServeConfig {
+        model: ModelSource::File {
+            model: data_dir().join("models/resnet20_cifar10.onnx"),
+            card: Some(repo_dir().join("models/resnet20_cifar10.card.json")),
+        },
+        ..ServeConfig::default()
     };
     config.engine.device = odin_sidecar::engine::Device::Cpu;
     config.engine.intra_threads = 1;
