@@ -6,14 +6,17 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::watch;
 
 use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
 use crate::domain::{ModelInfo, ScoringInfo};
 use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
-use crate::pipeline::{Batcher, Pipeline, Preprocessor, ScoringOptions};
-use crate::server::{self, stack, DetectorService, Health};
+use crate::pipeline::{
+    Batcher, DecodeLimits, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
+};
+use crate::server::tls::{TlsAcceptors, TlsError};
+use crate::server::{self, conn, stack, DetectorService, Health};
 use crate::telemetry::{ServedModel, Telemetry};
 use crate::wire::odin_v1::{self, detector_server::DetectorServer};
 
@@ -47,6 +50,9 @@ pub enum StartError {
     /// The thread that loads the engines panicked.
     #[error("engine loader failed: {0}")]
     Loader(String),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A loaded, warmed-up sidecar, ready to serve.
@@ -54,7 +60,10 @@ pub struct App {
     pipeline: Arc<Pipeline>,
     info: ModelInfo,
     window: usize,
-    stack: stack::StackOptions,
+    max_unary_in_flight: usize,
+    network: crate::config::NetworkOptions,
+    tls: Option<TlsAcceptors>,
+    token: Option<Arc<[u8]>>,
     health: Health,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
@@ -72,7 +81,13 @@ impl App {
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
         config.validate()?;
         let model = Model::load(&config.model)?;
-        let preprocessor = Preprocessor::new(&model.card.input);
+        let preprocessor = Preprocessor::with_limits(
+            &model.card.input,
+            DecodeLimits {
+                max_pixels: config.max_pixels,
+                tensor_range: config.tensor_range,
+            },
+        );
         let (engines, model) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || {
@@ -114,11 +129,16 @@ impl App {
             bounds: config.bounds,
             can_perturb,
         };
+        let options = PipelineOptions {
+            scoring,
+            decode_threads: config.decode_threads,
+            memory_budget: config.memory_budget,
+            fields: config.fields,
+        };
         let pipeline = Arc::new(Pipeline::new(
             preprocessor,
             batcher,
-            config.decode_threads,
-            scoring,
+            options,
             model.card.labels.clone(),
             Arc::clone(&telemetry),
         ));
@@ -128,13 +148,26 @@ impl App {
         let (health, health_service) = Health::new();
         // Loaded and warmed up: SERVING from the first request.
         health.serving().await;
+        let tls = config
+            .network
+            .tls
+            .as_ref()
+            .map(TlsAcceptors::load)
+            .transpose()?;
+        let token = config
+            .network
+            .auth_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
         Ok(App {
             pipeline,
             info,
             window: config.stream_window,
-            stack: stack::StackOptions {
-                max_unary_in_flight: config.max_unary_in_flight,
-            },
+            max_unary_in_flight: config.max_unary_in_flight,
+            network: config.network.clone(),
+            tls,
+            token,
             health,
             health_service,
         })
@@ -176,14 +209,22 @@ impl App {
         server::http::serve(listener, endpoints, shutdown)
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains.
+    /// Serves on `listener` until `shutdown` completes, then drains (see
+    /// [`App::serve_on`]).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
-        self.serve_incoming(TcpListenerStream::new(listener), shutdown)
-            .await
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && self.tls.is_none() {
+            tracing::warn!(
+                %addr,
+                "listening beyond loopback without TLS: frames and tokens travel in clear text \
+                 (set --tls-cert and --tls-key)"
+            );
+        }
+        self.serve_on(conn::Listener::Tcp(listener), shutdown).await
     }
 
     /// Serves on a Unix domain socket until `shutdown` completes.
@@ -192,46 +233,85 @@ impl App {
         listener: tokio::net::UnixListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        self.serve_incoming(incoming, shutdown).await
+        self.serve_on(conn::Listener::Unix(listener), shutdown)
+            .await
     }
 
-    async fn serve_incoming<I, IO, IE>(
+    /// Serves until `shutdown` completes, then drains: health turns
+    /// NOT_SERVING at once, new calls get UNAVAILABLE, open streams stop
+    /// being read and end with UNAVAILABLE once their accepted frames are
+    /// answered, and connections close. Whatever is still open after the
+    /// shutdown grace period is cut. Spans left are exported last.
+    pub async fn serve_on(
         self,
-        incoming: I,
+        listener: conn::Listener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), StartError>
-    where
-        I: tokio_stream::Stream<Item = Result<IO, IE>>,
-        IO: tokio::io::AsyncRead
-            + tokio::io::AsyncWrite
-            + tonic::transport::server::Connected
-            + Unpin
-            + Send
-            + 'static,
-        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<(), StartError> {
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(odin_v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         let telemetry = Arc::clone(self.pipeline.telemetry());
+        let (drain, draining) = watch::channel(false);
         let detector = DetectorServer::new(DetectorService::new(
             self.pipeline,
             odin_v1::ModelInfo::from(&self.info),
             self.window,
+            draining.clone(),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        stack::server(&self.stack)
+        let net = &self.network;
+        let tls = match listener {
+            conn::Listener::Tcp(_) => self.tls.clone(),
+            conn::Listener::Unix(_) => None,
+        };
+        let incoming = conn::incoming(
+            listener,
+            conn::ConnOptions {
+                max_connections: net.max_connections,
+                idle_timeout: net.idle_timeout,
+                handshake_timeout: net.handshake_timeout,
+            },
+            tls,
+            Arc::clone(telemetry.metrics()),
+        );
+        let stack = stack::StackOptions {
+            max_unary_in_flight: self.max_unary_in_flight,
+            network: net.clone(),
+            token: self.token.clone(),
+            draining: draining.clone(),
+            metrics: Arc::clone(telemetry.metrics()),
+        };
+        let health = self.health.clone();
+        let begin_drain = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining open streams");
+            health.not_serving().await;
+            let _ = drain.send(true);
+        };
+        let serving = stack::server(&stack)
             .add_service(self.health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(detector)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(incoming, begin_drain);
+        let grace = net.shutdown_grace;
+        let mut drained = draining;
+        let cut_off = async move {
+            let _ = drained.wait_for(|draining| *draining).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = serving => served?,
+            () = cut_off => tracing::warn!(
+                ?grace,
+                "shutdown grace period over; closing the connections still open"
+            ),
+        }
         // Export what the last frames left; shutdown blocks, so off the runtime.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        tracing::info!("drained");
         Ok(())
     }
 }
@@ -295,6 +375,22 @@ fn load_engines(
             Ok(engine)
         })
         .collect()
+}
+
+/// The bearer token in `path`: its first line, trimmed. An empty or
+/// unreadable file is a configuration error, never "no token".
+fn read_token(path: &std::path::Path) -> Result<Arc<[u8]>, crate::config::ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        crate::config::ConfigError(format!("--auth-token-file {}: {e}", path.display()))
+    })?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        return Err(crate::config::ConfigError(format!(
+            "--auth-token-file {} holds no token",
+            path.display()
+        )));
+    }
+    Ok(Arc::from(token.as_bytes()))
 }
 
 fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo {

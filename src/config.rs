@@ -42,6 +42,124 @@ pub const DEFAULT_OVERRIDE_BOUNDS: OverrideBounds = OverrideBounds {
 };
 /// Largest gRPC message accepted (a frame), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of frames the server holds at once, over every stream and call:
+/// a 512 MiB container keeps half for the model, the runtime and the
+/// decoders (see README, "Limits and failure behaviour").
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+/// Largest image a decoder may produce, in pixels, checked from the header
+/// before anything is allocated: 4096² covers 4K UHD (3840×2160) and keeps
+/// one RGBA decode under 64 MiB.
+pub const DEFAULT_MAX_PIXELS: u64 = 4096 * 4096;
+/// Open connections beyond which new ones are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// HTTP/2 streams (calls) one connection may have open at once.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// How often the server pings an HTTP/2 connection to find dead peers.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no call open for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A new connection must finish its TLS handshake and start its first call
+/// within this time.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one connection may make the server reset (for protocol errors)
+/// before it is sent GOAWAY: the RUSTSEC-2024-0003 / "rapid reset" guard.
+pub const DEFAULT_MAX_LOCAL_RESETS: usize = 1024;
+/// How long a shutdown waits for accepted frames to be answered.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// File mode of the Unix socket: owner and group may connect.
+pub const DEFAULT_UDS_MODE: u32 = 0o660;
+
+/// Caps on what one frame may carry besides its image, so a verdict (which
+/// echoes them) and a span stay small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldLimits {
+    /// Longest `frame_id`, in bytes.
+    pub max_id_bytes: usize,
+    /// Most attributes.
+    pub max_attributes: usize,
+    /// Longest attribute key plus value, in bytes.
+    pub max_attribute_bytes: usize,
+    /// Longest method name in a scoring override, in bytes.
+    pub max_method_bytes: usize,
+}
+
+/// Default [`FieldLimits`].
+pub const DEFAULT_FIELD_LIMITS: FieldLimits = FieldLimits {
+    max_id_bytes: 256,
+    max_attributes: 32,
+    max_attribute_bytes: 1024,
+    max_method_bytes: 32,
+};
+
+/// What the network edge enforces: connections, HTTP/2, deadlines, shutdown
+/// and access.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkOptions {
+    /// Open connections beyond which new ones are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection (advertised as MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keepalive ping timeout.
+    pub keepalive_timeout: Duration,
+    /// A connection with no open call is closed after this long.
+    pub idle_timeout: Duration,
+    /// Time a new connection gets for its TLS handshake and first call.
+    pub handshake_timeout: Duration,
+    /// Connections are asked to go away (GOAWAY) after this age, so load
+    /// balancers can rebalance; `None` keeps them.
+    pub max_connection_age: Option<Duration>,
+    /// After `max_connection_age`, calls still open get this long to finish.
+    pub max_connection_age_grace: Duration,
+    /// Server-generated stream resets tolerated per connection.
+    pub max_local_resets: usize,
+    /// Longest a unary call may take; a client's shorter `grpc-timeout` wins.
+    pub request_timeout: Option<Duration>,
+    /// How long a shutdown waits for accepted frames.
+    pub shutdown_grace: Duration,
+    /// Unix socket file mode.
+    pub uds_mode: u32,
+    /// TLS on TCP listeners; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+    /// A file holding the bearer token every call but health must present.
+    pub auth_token_file: Option<std::path::PathBuf>,
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        NetworkOptions {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(30),
+            max_local_resets: DEFAULT_MAX_LOCAL_RESETS,
+            request_timeout: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            uds_mode: DEFAULT_UDS_MODE,
+            tls: None,
+            auth_token_file: None,
+        }
+    }
+}
+
+/// PEM files for TLS, reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain.
+    pub cert: std::path::PathBuf,
+    /// The server's private key.
+    pub key: std::path::PathBuf,
+    /// CA bundle that client certificates must chain to; `Some` turns on
+    /// mutual TLS (clients without a valid certificate are refused).
+    pub client_ca: Option<std::path::PathBuf>,
+}
 
 /// A configuration the server cannot run with. `main` exits with 64
 /// (sysexits' EX_USAGE) for it, so an orchestrator can tell a bad rollout
@@ -82,6 +200,18 @@ pub struct ServeConfig {
     pub max_unary_in_flight: usize,
     /// Span export over OTLP/gRPC; `None` (the default) makes no spans.
     pub otlp: Option<OtlpConfig>,
+    /// Bytes of frames the server holds at once (all streams and calls).
+    pub memory_budget: usize,
+    /// Largest decoded image, in pixels.
+    pub max_pixels: u64,
+    /// Caps on a frame's id, attributes and method name.
+    pub fields: FieldLimits,
+    /// Accepted range of tensor-frame values; `None` derives it from the
+    /// card: what its normalization makes of pixels in [0, 255], widened by
+    /// one std on each side.
+    pub tensor_range: Option<(f32, f32)>,
+    /// Connections, HTTP/2, deadlines, shutdown, TLS and auth.
+    pub network: NetworkOptions,
 }
 
 impl Default for ServeConfig {
@@ -108,6 +238,11 @@ impl Default for ServeConfig {
             decode_threads: DEFAULT_DECODE_THREADS,
             max_unary_in_flight: 0,
             otlp: None,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            fields: DEFAULT_FIELD_LIMITS,
+            tensor_range: None,
+            network: NetworkOptions::default(),
         }
     }
 }
@@ -125,6 +260,21 @@ impl ServeConfig {
         }
         if !(self.epsilon >= 0.0 && self.epsilon.is_finite()) {
             return bad(format!("epsilon must be >= 0, got {}", self.epsilon));
+        }
+        if self.memory_budget < MAX_MESSAGE_BYTES {
+            return bad(format!(
+                "the memory budget ({} MiB) must hold at least one frame of the largest size ({} MiB)",
+                self.memory_budget >> 20,
+                MAX_MESSAGE_BYTES >> 20
+            ));
+        }
+        if self.max_pixels == 0 || self.network.max_connections == 0 {
+            return bad("max pixels and max connections must be at least 1".into());
+        }
+        if let Some((lo, hi)) = self.tensor_range {
+            if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                return bad(format!("tensor range [{lo}, {hi}] is empty or not finite"));
+            }
         }
         Ok(())
     }

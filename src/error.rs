@@ -36,15 +36,18 @@ pub enum FrameError {
         /// Height the model takes.
         want_height: u32,
     },
-    /// The image is larger than the decoder is allowed to allocate.
-    #[error("image is {width}x{height}; the limit is {max} pixels per side")]
+    /// The image is larger than the decoder is allowed to allocate (known
+    /// from its header, before anything is allocated).
+    #[error("image is {width}x{height}; the limits are {max_side} pixels per side and {max_pixels} pixels in all")]
     TooLarge {
         /// Width of the frame.
         width: u32,
         /// Height of the frame.
         height: u32,
         /// The largest side accepted.
-        max: u32,
+        max_side: u32,
+        /// The most pixels accepted.
+        max_pixels: u64,
     },
     /// A raw frame's byte count does not match its stated dimensions.
     #[error("raw frame has {got} bytes but {width}x{height}x{channels} needs {want}")]
@@ -81,6 +84,34 @@ pub enum FrameError {
         /// The stated shape.
         shape: Vec<u32>,
     },
+    /// A tensor frame value outside what the model's normalization can
+    /// produce from pixels (with margin): garbage the model would still
+    /// answer confidently.
+    #[error("tensor value at flat index {index} is {value}; values must lie in [{min}, {max}] (what the card's normalization makes of pixels in [0, 255], with margin)")]
+    ValueOutOfRange {
+        /// Flat index of the first bad value.
+        index: usize,
+        /// The value found there.
+        value: f32,
+        /// Smallest accepted value.
+        min: f32,
+        /// Largest accepted value.
+        max: f32,
+    },
+    /// A field besides the image is larger than its cap.
+    #[error("{field} is {size} (limit {max})")]
+    FieldTooLarge {
+        /// Which field: "frame_id (bytes)", "attributes (count)", ...
+        field: &'static str,
+        /// Its size.
+        size: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The frame's deadline passed before it reached the engine; it was
+    /// not computed.
+    #[error("the deadline passed before the frame reached the engine; it was not computed")]
+    DeadlineExceeded,
     /// A tensor frame holding NaN or infinity.
     #[error("tensor value at flat index {index} is {value}; only finite values are accepted")]
     NonFinite {
@@ -144,6 +175,12 @@ pub enum Reason {
     TensorLengthMismatch,
     /// See [`FrameError::NonFinite`].
     NonFiniteValue,
+    /// See [`FrameError::ValueOutOfRange`].
+    ValueOutOfRange,
+    /// See [`FrameError::FieldTooLarge`].
+    FieldTooLarge,
+    /// See [`FrameError::DeadlineExceeded`].
+    DeadlineExceeded,
     /// See [`FrameError::UnknownMethod`].
     UnknownMethod,
     /// See [`FrameError::OverrideOutOfBounds`].
@@ -160,7 +197,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in a fixed order (the metric's series order).
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 18] = [
         Reason::EmptyFrame,
         Reason::DecodeFailed,
         Reason::SizeMismatch,
@@ -170,6 +207,9 @@ impl Reason {
         Reason::TensorShapeMismatch,
         Reason::TensorLengthMismatch,
         Reason::NonFiniteValue,
+        Reason::ValueOutOfRange,
+        Reason::FieldTooLarge,
+        Reason::DeadlineExceeded,
         Reason::UnknownMethod,
         Reason::OverrideOutOfBounds,
         Reason::PerturbationUnavailable,
@@ -190,6 +230,9 @@ impl Reason {
             Reason::TensorShapeMismatch => "TENSOR_SHAPE_MISMATCH",
             Reason::TensorLengthMismatch => "TENSOR_LENGTH_MISMATCH",
             Reason::NonFiniteValue => "NON_FINITE_VALUE",
+            Reason::ValueOutOfRange => "VALUE_OUT_OF_RANGE",
+            Reason::FieldTooLarge => "FIELD_TOO_LARGE",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Reason::UnknownMethod => "UNKNOWN_METHOD",
             Reason::OverrideOutOfBounds => "OVERRIDE_OUT_OF_BOUNDS",
             Reason::PerturbationUnavailable => "PERTURBATION_UNAVAILABLE",
@@ -205,6 +248,7 @@ impl Reason {
             Reason::EngineFailed | Reason::Internal => Code::Internal,
             Reason::Unavailable => Code::Unavailable,
             Reason::PerturbationUnavailable => Code::FailedPrecondition,
+            Reason::DeadlineExceeded => Code::DeadlineExceeded,
             Reason::EmptyFrame
             | Reason::DecodeFailed
             | Reason::SizeMismatch
@@ -214,6 +258,8 @@ impl Reason {
             | Reason::TensorShapeMismatch
             | Reason::TensorLengthMismatch
             | Reason::NonFiniteValue
+            | Reason::ValueOutOfRange
+            | Reason::FieldTooLarge
             | Reason::UnknownMethod
             | Reason::OverrideOutOfBounds => Code::InvalidArgument,
         }
@@ -238,6 +284,9 @@ impl FrameError {
             FrameError::TensorShape { .. } => Reason::TensorShapeMismatch,
             FrameError::TensorLength { .. } => Reason::TensorLengthMismatch,
             FrameError::NonFinite { .. } => Reason::NonFiniteValue,
+            FrameError::ValueOutOfRange { .. } => Reason::ValueOutOfRange,
+            FrameError::FieldTooLarge { .. } => Reason::FieldTooLarge,
+            FrameError::DeadlineExceeded => Reason::DeadlineExceeded,
             FrameError::UnknownMethod(_) => Reason::UnknownMethod,
             FrameError::OverrideOutOfBounds { .. } => Reason::OverrideOutOfBounds,
             FrameError::PerturbationUnavailable(_) => Reason::PerturbationUnavailable,
@@ -259,7 +308,7 @@ impl From<FrameError> for Status {
     }
 }
 
-/// Why a whole call (not one frame) is refused.
+/// Why a whole call (not one frame) is refused or ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     /// Too many unary calls are in flight: shed, so a burst cannot queue
@@ -269,12 +318,29 @@ pub enum CallError {
         /// The configured limit.
         limit: usize,
     },
+    /// The frames held by the server fill its memory budget.
+    #[error("the server holds {budget_mib} MiB of frames, its memory budget; retry with backoff")]
+    MemoryBudget {
+        /// The budget, in MiB.
+        budget_mib: usize,
+    },
+    /// The server is shutting down: no new calls, and open streams end
+    /// once their accepted frames are answered.
+    #[error("the server is shutting down; reconnect to another replica")]
+    ShuttingDown,
+    /// The call lacks the bearer token, or it is wrong.
+    #[error("missing or invalid bearer token (send `authorization: Bearer <token>`)")]
+    Unauthenticated,
 }
 
 impl From<CallError> for Status {
     fn from(error: CallError) -> Self {
         let code = match error {
-            CallError::Overloaded { .. } => Code::ResourceExhausted,
+            CallError::Overloaded { .. } | CallError::MemoryBudget { .. } => {
+                Code::ResourceExhausted
+            }
+            CallError::ShuttingDown => Code::Unavailable,
+            CallError::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, error.to_string())
     }
@@ -301,7 +367,8 @@ mod tests {
             FrameError::TooLarge {
                 width: 9000,
                 height: 1,
-                max: 8192,
+                max_side: 8192,
+                max_pixels: 1 << 24,
             },
             FrameError::RawLength {
                 got: 1,
@@ -324,6 +391,18 @@ mod tests {
                 index: 0,
                 value: f32::NAN,
             },
+            FrameError::ValueOutOfRange {
+                index: 0,
+                value: 1e30,
+                min: -3.0,
+                max: 3.0,
+            },
+            FrameError::FieldTooLarge {
+                field: "frame_id (bytes)",
+                size: 1000,
+                max: 256,
+            },
+            FrameError::DeadlineExceeded,
             FrameError::UnknownMethod("x".into()),
             FrameError::OverrideOutOfBounds {
                 field: "temperature",

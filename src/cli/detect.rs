@@ -17,8 +17,9 @@ use super::ModelArgs;
 use crate::app::App;
 use crate::dataset::RawSet;
 use crate::domain::{FrameRequest, ImageInput, Judgement};
+use crate::error::CallError;
 use crate::pipeline::order;
-use crate::telemetry::Rpc;
+use crate::pipeline::Caller;
 
 /// Flags of `detect`.
 #[derive(Debug, Clone, Args)]
@@ -87,11 +88,13 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let window = 4 * args.model.max_batch.max(1) * args.model.workers.max(1);
     let (tx, mut rx) = mpsc::channel(window);
     let started = Instant::now();
-    let inbound = tokio_stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let inbound = tokio_stream::iter(frames.into_iter().map(Ok::<_, CallError>));
+    // Never drained: `detect` ends when its frames do.
+    let (_never, draining) = tokio::sync::watch::channel(false);
     let options = order::StreamOptions {
         window,
-        parent: opentelemetry::Context::new(),
-        rpc: Rpc::InProcess,
+        caller: Caller::in_process(),
+        draining,
     };
     tokio::spawn(order::drive(
         app.pipeline(),
@@ -112,7 +115,7 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let (mut correct, mut labelled, mut errors, mut kept) = (0usize, 0usize, 0usize, 0usize);
     let mut labels = labels.into_iter();
     while let Some(judgement) = rx.recv().await {
-        let Ok(judgement) = judgement;
+        let judgement = judgement?;
         let label = labels.next().flatten();
         match &judgement.outcome {
             Err(error) => {

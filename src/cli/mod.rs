@@ -83,6 +83,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How `GetModelInfo` names a calibration file: its file name and the
+/// start of its SHA-256, never its absolute path (which tells a client
+/// about the server's file system).
+fn calibration_source(path: &std::path::Path) -> Result<String, config::ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| config::ConfigError(format!("--calibration {}: {e}", path.display())))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = path
+        .file_name()
+        .map_or_else(|| "calibration".into(), |n| n.to_string_lossy());
+    Ok(format!("{name} (sha256 {hex}…)"))
+}
+
 /// Whether `error` comes from an unusable configuration (exit code 64).
 pub fn is_usage_error(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
@@ -215,7 +232,7 @@ impl ModelArgs {
             (Some(path), _) => {
                 let calibration = Calibration::load(path)
                     .map_err(|e| config::ConfigError(format!("--calibration: {e:#}")))?;
-                Some((calibration, path.display().to_string()))
+                Some((calibration, calibration_source(path)?))
             }
             // The built-in model ships calibrated, so `serve` alone gives ODIN verdicts.
             (None, None) if !scoring_flags => Some((

@@ -40,6 +40,8 @@ pub struct BatchOptions {
 struct Job {
     input: Vec<f32>,
     perturbation: Option<Perturbation>,
+    // Past this instant the answer is useless: the frame is refused, not computed.
+    deadline: Option<Instant>,
     enqueued: Instant,
     // The frame's span, when it is traced.
     trace: Option<FrameTrace>,
@@ -102,12 +104,14 @@ impl Batcher {
         &self,
         input: Vec<f32>,
         perturbation: Option<Perturbation>,
+        deadline: Option<Instant>,
         trace: Option<FrameTrace>,
     ) -> Result<Inference, FrameError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
             perturbation,
+            deadline,
             enqueued: Instant::now(),
             trace,
             reply,
@@ -188,8 +192,17 @@ fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>, telemetry
             Err(_) => None,
         };
         let Some(mut batch) = next else { return };
-        // A frame whose stream was cancelled needs no compute.
+        // A frame whose stream was cancelled needs no compute, nor one whose
+        // deadline has passed (it is told so).
+        let now = Instant::now();
         batch.retain(|job| !job.reply.is_closed());
+        let (late, on_time): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|job| job.deadline.is_some_and(|d| now >= d));
+        for job in late {
+            let _ = job.reply.send(Err(FrameError::DeadlineExceeded));
+        }
+        batch = on_time;
         if !batch.is_empty() {
             run_batch(&mut engine, batch, telemetry);
         }

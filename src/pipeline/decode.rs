@@ -12,6 +12,26 @@ use crate::model::card::{ChannelOrder, InputSpec, Resize};
 /// so one hostile frame cannot exhaust memory.
 pub const MAX_SIDE: u32 = 8192;
 
+/// What a frame may make the decoder do, checked from the header before
+/// anything is allocated, and what a tensor frame may hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeLimits {
+    /// Most pixels of a decoded image (width × height).
+    pub max_pixels: u64,
+    /// Accepted range of tensor-frame values; `None` derives it from the
+    /// card (see [`Preprocessor::with_limits`]).
+    pub tensor_range: Option<(f32, f32)>,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_pixels: crate::config::DEFAULT_MAX_PIXELS,
+            tensor_range: None,
+        }
+    }
+}
+
 /// Per-model preprocessing, built once from the card.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
@@ -19,23 +39,50 @@ pub struct Preprocessor {
     // 1 / (255 * std) and mean / std, so the per-pixel work is one fused multiply-add.
     scale: Vec<f32>,
     shift: Vec<f32>,
+    max_pixels: u64,
+    range: (f32, f32),
 }
 
 impl Preprocessor {
-    /// Builds the preprocessor for a card's input spec.
+    /// Builds the preprocessor for a card's input spec, with default limits.
     pub fn new(spec: &InputSpec) -> Preprocessor {
-        let scale = spec.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
-        let shift = spec
+        Preprocessor::with_limits(spec, DecodeLimits::default())
+    }
+
+    /// Builds the preprocessor for a card's input spec. Without a configured
+    /// tensor range, the accepted range is what the card's normalization
+    /// makes of pixels in [0, 255], widened by one std-normalized unit on
+    /// each side, so noise around valid inputs passes and garbage (1e30)
+    /// does not.
+    pub fn with_limits(spec: &InputSpec, limits: DecodeLimits) -> Preprocessor {
+        let scale: Vec<f32> = spec.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+        let shift: Vec<f32> = spec
             .mean
             .iter()
             .zip(&spec.std)
             .map(|(m, s)| m / s)
             .collect();
+        let range = limits.tensor_range.unwrap_or_else(|| {
+            let lowest = shift.iter().map(|s| -s).fold(f32::INFINITY, f32::min);
+            let highest = scale
+                .iter()
+                .zip(&shift)
+                .map(|(k, s)| 255.0 * k - s)
+                .fold(f32::NEG_INFINITY, f32::max);
+            (lowest - 1.0, highest + 1.0)
+        });
         Preprocessor {
             spec: spec.clone(),
             scale,
             shift,
+            max_pixels: limits.max_pixels,
+            range,
         }
+    }
+
+    /// The accepted range of tensor-frame values.
+    pub fn tensor_range(&self) -> (f32, f32) {
+        self.range
     }
 
     /// Number of f32 values in one input tensor (C × H × W).
@@ -57,8 +104,8 @@ impl Preprocessor {
         match image {
             None => Err(FrameError::Empty),
             Some(ImageInput::Encoded(bytes)) if bytes.is_empty() => Err(FrameError::Empty),
-            Some(ImageInput::Encoded(bytes)) => self.image_tensor(decode(bytes)?),
-            Some(ImageInput::Raw(raw)) => self.image_tensor(raw_image(raw)?),
+            Some(ImageInput::Encoded(bytes)) => self.image_tensor(self.decode(bytes)?),
+            Some(ImageInput::Raw(raw)) => self.image_tensor(self.raw_image(raw)?),
             Some(ImageInput::Tensor(tensor)) => self.checked_tensor(tensor),
         }
     }
@@ -123,7 +170,109 @@ impl Preprocessor {
                 value: tensor.data[index],
             });
         }
+        let (min, max) = self.range;
+        if let Some(index) = tensor.data.iter().position(|v| *v < min || *v > max) {
+            return Err(FrameError::ValueOutOfRange {
+                index,
+                value: tensor.data[index],
+                min,
+                max,
+            });
+        }
         Ok(tensor.data.clone())
+    }
+
+    /// Refuses, from its declared size alone, an image larger than the
+    /// limits or, with `"resize": "none"`, of the wrong size.
+    fn check_size(&self, width: u32, height: u32) -> Result<(), FrameError> {
+        let pixels = u64::from(width) * u64::from(height);
+        if width > MAX_SIDE || height > MAX_SIDE || pixels > self.max_pixels {
+            return Err(FrameError::TooLarge {
+                width,
+                height,
+                max_side: MAX_SIDE,
+                max_pixels: self.max_pixels,
+            });
+        }
+        let (w, h) = (self.spec.width, self.spec.height);
+        if self.spec.resize == Resize::None && (width, height) != (w, h) {
+            return Err(FrameError::SizeMismatch {
+                width,
+                height,
+                want_width: w,
+                want_height: h,
+            });
+        }
+        Ok(())
+    }
+
+    /// Wraps raw HWC pixels as an image after checking the byte count and
+    /// the size, before copying anything.
+    fn raw_image(&self, raw: &RawPixels) -> Result<DynamicImage, FrameError> {
+        let RawPixels {
+            width,
+            height,
+            channels,
+            pixels,
+        } = raw;
+        if pixels.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        if !matches!(channels, 1 | 3 | 4) {
+            return Err(FrameError::Channels(*channels));
+        }
+        let want = *width as usize * *height as usize * *channels as usize;
+        let length_error = || FrameError::RawLength {
+            got: pixels.len(),
+            want,
+            width: *width,
+            height: *height,
+            channels: *channels,
+        };
+        if pixels.len() != want || want == 0 {
+            return Err(length_error());
+        }
+        self.check_size(*width, *height)?;
+        let (w, h, px) = (*width, *height, pixels.to_vec());
+        let image = match channels {
+            1 => image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8),
+            3 => image::RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8),
+            _ => image::RgbaImage::from_raw(w, h, px).map(DynamicImage::ImageRgba8),
+        };
+        image.ok_or_else(length_error)
+    }
+
+    /// Decodes JPEG or PNG bytes, after checking the declared size, with
+    /// the decoder's own allocation limit as a second guard (PNG text
+    /// chunks, 16-bit samples).
+    fn decode(&self, bytes: &[u8]) -> Result<DynamicImage, FrameError> {
+        let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| decode_error("unknown", e))?;
+        let format = match reader.format() {
+            Some(f @ (image::ImageFormat::Jpeg | image::ImageFormat::Png)) => f,
+            other => {
+                return Err(FrameError::Decode {
+                    format: other.map_or("unknown".into(), |f| format!("{f:?}")),
+                    detail: "only JPEG and PNG are accepted".into(),
+                })
+            }
+        };
+        let name = format!("{format:?}");
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        // 8 bytes per pixel: 16-bit RGBA, the widest either format decodes to.
+        limits.max_alloc = Some(self.max_pixels.saturating_mul(8));
+        reader.limits(limits.clone());
+        let (width, height) = reader
+            .into_dimensions()
+            .map_err(|e| decode_error(&name, e))?;
+        self.check_size(width, height)?;
+        let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        reader.limits(limits);
+        let image = reader.decode().map_err(|e| decode_error(&name, e))?;
+        Ok(image)
     }
 }
 
@@ -134,80 +283,11 @@ fn rgb_in_order(mut rgb: RgbImage, order: ChannelOrder) -> RgbImage {
     rgb
 }
 
-/// Decodes JPEG or PNG bytes with allocation limits.
-fn decode(bytes: &[u8]) -> Result<DynamicImage, FrameError> {
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| decode_error("unknown", e))?;
-    let format = match reader.format() {
-        Some(f @ (image::ImageFormat::Jpeg | image::ImageFormat::Png)) => f,
-        other => {
-            return Err(FrameError::Decode {
-                format: other.map_or("unknown".into(), |f| format!("{f:?}")),
-                detail: "only JPEG and PNG are accepted".into(),
-            })
-        }
-    };
-    let name = format!("{format:?}");
-    let (width, height) = reader
-        .into_dimensions()
-        .map_err(|e| decode_error(&name, e))?;
-    if width > MAX_SIDE || height > MAX_SIDE {
-        return Err(FrameError::TooLarge {
-            width,
-            height,
-            max: MAX_SIDE,
-        });
-    }
-    image::load_from_memory_with_format(bytes, format).map_err(|e| decode_error(&name, e))
-}
-
 fn decode_error(format: &str, error: impl std::fmt::Display) -> FrameError {
     FrameError::Decode {
         format: format.to_string(),
         detail: error.to_string(),
     }
-}
-
-/// Wraps raw HWC pixels as an image after checking the byte count.
-fn raw_image(raw: &RawPixels) -> Result<DynamicImage, FrameError> {
-    let RawPixels {
-        width,
-        height,
-        channels,
-        pixels,
-    } = raw;
-    if pixels.is_empty() {
-        return Err(FrameError::Empty);
-    }
-    if !matches!(channels, 1 | 3 | 4) {
-        return Err(FrameError::Channels(*channels));
-    }
-    if *width > MAX_SIDE || *height > MAX_SIDE {
-        return Err(FrameError::TooLarge {
-            width: *width,
-            height: *height,
-            max: MAX_SIDE,
-        });
-    }
-    let want = *width as usize * *height as usize * *channels as usize;
-    let length_error = || FrameError::RawLength {
-        got: pixels.len(),
-        want,
-        width: *width,
-        height: *height,
-        channels: *channels,
-    };
-    if pixels.len() != want || want == 0 {
-        return Err(length_error());
-    }
-    let (w, h, px) = (*width, *height, pixels.to_vec());
-    let image = match channels {
-        1 => image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8),
-        3 => image::RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8),
-        _ => image::RgbaImage::from_raw(w, h, px).map(DynamicImage::ImageRgba8),
-    };
-    image.ok_or_else(length_error)
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@
 //! `crate::telemetry`) when each stage ends; what that records is the
 //! recorder's business.
 
+pub mod admit;
 pub mod batch;
 pub mod decode;
+pub mod fair;
 pub mod order;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,17 +19,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use opentelemetry::Context;
-use tokio::sync::Semaphore;
 
+use crate::config::FieldLimits;
 use crate::domain::{
     AppliedScoring, Decision, FrameRequest, ImageInput, Judgement, ScoringRequest, Timings,
 };
-use crate::error::FrameError;
+use crate::error::{CallError, FrameError};
 use crate::score::{self, Outputs, Scoring};
 use crate::telemetry::{FrameFinish, FrameRecorder, Gauges, Rpc, Stage, Telemetry};
 
+pub use admit::{Admitted, Charge, MemoryBudget};
 pub use batch::{BatchOptions, Batcher, Inference};
-pub use decode::Preprocessor;
+pub use decode::{DecodeLimits, Preprocessor};
+pub use fair::ClientId;
 
 /// Scoring settings in force, and what frames may override.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,14 +57,51 @@ pub struct OverrideBounds {
     pub max_epsilon: f32,
 }
 
+/// How the pipeline runs, besides its stages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineOptions {
+    /// Scoring in force and what frames may override.
+    pub scoring: ScoringOptions,
+    /// Concurrent decodes.
+    pub decode_threads: usize,
+    /// Bytes of frames held at once, over all streams and calls.
+    pub memory_budget: usize,
+    /// Caps on a frame's id, attributes and method name.
+    pub fields: FieldLimits,
+}
+
+/// Who a frame came from: its call's trace context, RPC and client.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The call's trace context: the parent of frames without their own.
+    pub parent: Context,
+    /// The RPC the frame came on.
+    pub rpc: Rpc,
+    /// The client, for fair sharing of the decoders.
+    pub client: ClientId,
+}
+
+impl Caller {
+    /// An in-process caller (`detect`, benchmarks): no trace parent.
+    pub fn in_process() -> Caller {
+        Caller {
+            parent: Context::new(),
+            rpc: Rpc::InProcess,
+            client: ClientId::default(),
+        }
+    }
+}
+
 /// Everything needed to judge frames. Shared by all streams.
 pub struct Pipeline {
     preprocessor: Preprocessor,
-    // Bounds concurrent decodes: decoding runs on tokio's blocking pool, which
-    // would otherwise grow a thread per waiting frame.
-    decoders: Arc<Semaphore>,
+    // Decoding runs on tokio's blocking pool, a few frames at a time, shared
+    // fairly: one client's expensive frames wait behind each other, not in
+    // front of everyone else's.
+    decoders: fair::FairPool,
+    budget: MemoryBudget,
     batcher: Batcher,
-    options: ScoringOptions,
+    options: PipelineOptions,
     labels: Vec<String>,
     in_flight: AtomicUsize,
     telemetry: Arc<Telemetry>,
@@ -89,6 +130,7 @@ pub struct Answer {
 pub struct Finish {
     _recorded: FrameFinish,
     _counted: InFlight,
+    _charge: Charge,
 }
 
 impl Pipeline {
@@ -96,20 +138,41 @@ impl Pipeline {
     pub fn new(
         preprocessor: Preprocessor,
         batcher: Batcher,
-        decode_threads: usize,
-        options: ScoringOptions,
+        options: PipelineOptions,
         labels: Vec<String>,
         telemetry: Arc<Telemetry>,
     ) -> Pipeline {
         Pipeline {
             preprocessor,
-            decoders: Arc::new(Semaphore::new(decode_threads.max(1))),
+            decoders: fair::FairPool::new(options.decode_threads),
+            budget: MemoryBudget::new(options.memory_budget),
             batcher,
             options,
             labels,
             in_flight: AtomicUsize::new(0),
             telemetry,
         }
+    }
+
+    /// Waits until `request` fits in the memory budget and charges it: how
+    /// streams are admitted (a stream waiting here is not read).
+    pub async fn admit(&self, request: FrameRequest) -> Option<Admitted> {
+        self.budget.admit(request).await
+    }
+
+    /// Charges `request` if it fits in the memory budget now: how unary
+    /// calls are admitted.
+    pub fn try_admit(&self, request: FrameRequest) -> Result<Admitted, CallError> {
+        self.budget
+            .try_admit(request)
+            .map_err(|_| CallError::MemoryBudget {
+                budget_mib: self.budget.total() >> 20,
+            })
+    }
+
+    /// Bytes of frames held now.
+    pub fn held_bytes(&self) -> usize {
+        self.budget.held()
     }
 
     /// Metrics and tracing of this pipeline.
@@ -122,6 +185,7 @@ impl Pipeline {
         Gauges {
             queue_depth: self.queued() as u64,
             in_flight: self.in_flight() as u64,
+            held_bytes: self.held_bytes() as u64,
         }
     }
 
@@ -137,17 +201,18 @@ impl Pipeline {
 
     /// The scoring settings in force.
     pub fn options(&self) -> ScoringOptions {
-        self.options
+        self.options.scoring
     }
 
     /// The scoring and threshold for one frame: the server's, or the frame's
     /// override when it is valid and inside the bounds.
     pub fn resolve(&self, over: Option<&ScoringRequest>) -> Result<AppliedScoring, FrameError> {
-        let mut scoring = self.options.scoring;
+        let options = self.options.scoring;
+        let mut scoring = options.scoring;
         let Some(over) = over else {
             return Ok(AppliedScoring {
                 scoring,
-                threshold: self.options.threshold,
+                threshold: options.threshold,
             });
         };
         if let Some(method) = &over.method {
@@ -155,7 +220,7 @@ impl Pipeline {
                 .parse()
                 .map_err(|_| FrameError::UnknownMethod(method.clone()))?;
         }
-        let bounds = self.options.bounds;
+        let bounds = options.bounds;
         let check = |field, value: f32, min: f32, max: f32| {
             if value.is_finite() && value >= min && value <= max {
                 Ok(value)
@@ -179,48 +244,59 @@ impl Pipeline {
         if let Some(e) = over.epsilon {
             scoring.epsilon = check("epsilon", e, 0.0, bounds.max_epsilon)?;
         }
-        if scoring.perturbation().is_some() && !self.options.can_perturb {
+        if scoring.perturbation().is_some() && !options.can_perturb {
             return Err(FrameError::PerturbationUnavailable(
                 scoring.method.to_string(),
             ));
         }
         let threshold = match over.threshold {
             Some(t) => check("threshold", t, f32::MIN, f32::MAX)?,
-            None => self.options.threshold,
+            None => options.threshold,
         };
         Ok(AppliedScoring { scoring, threshold })
     }
 
-    /// Judges one frame that came on `rpc`. Never fails: a bad frame gets a
-    /// judgement carrying its error. `parent` is the call's trace context,
-    /// the parent of frames that carry none of their own.
-    pub async fn judge(
-        self: Arc<Self>,
-        request: FrameRequest,
-        parent: &Context,
-        rpc: Rpc,
-    ) -> Answer {
+    /// Judges one admitted frame. Never fails: a bad frame gets a judgement
+    /// carrying its error. The frame's charge is returned when its answer's
+    /// `finish` is dropped.
+    pub async fn judge(self: Arc<Self>, admitted: Admitted, caller: &Caller) -> Answer {
         let arrived = Instant::now();
         let counted = InFlight::enter(Arc::clone(&self));
-        let recorder = self
-            .telemetry
-            .frame(parent, &request.trace, rpc, &request.id, arrived);
+        let Admitted {
+            mut request,
+            charge,
+        } = admitted;
+        // Receive: oversized fields are cut before anything echoes them.
+        let fields = check_fields(&mut request, &self.options.fields);
+        let recorder = self.telemetry.frame(
+            &caller.parent,
+            &request.trace,
+            caller.rpc,
+            &request.id,
+            arrived,
+        );
         let FrameRequest {
             id,
             image,
             attributes,
             scoring,
+            deadline,
             ..
         } = request;
-        // Receive: the frame's own scoring, checked against the bounds.
-        let applied = self.resolve(scoring.as_ref());
+        // The frame's own scoring, checked against the bounds.
+        let applied = fields.and_then(|()| self.resolve(scoring.as_ref()));
         let in_force = applied.as_ref().ok().copied();
         recorder.stage(Stage::Receive, arrived, Instant::now());
         let mut timings = Timings::default();
+        let work = Work {
+            image,
+            deadline,
+            client: caller.client,
+        };
         let outcome = match applied {
             Ok(applied) => {
                 recorder
-                    .scope(self.run(image, applied, &recorder, &mut timings))
+                    .scope(self.run(work, applied, &recorder, &mut timings))
                     .await
             }
             Err(error) => Err(error),
@@ -240,6 +316,7 @@ impl Pipeline {
             finish: Finish {
                 _recorded: recorded,
                 _counted: counted,
+                _charge: charge,
             },
         }
     }
@@ -247,13 +324,14 @@ impl Pipeline {
     /// Decode → batch and infer → score, for a frame whose scoring is valid.
     async fn run(
         self: &Arc<Self>,
-        image: Option<ImageInput>,
+        work: Work,
         applied: AppliedScoring,
         recorder: &FrameRecorder,
         timings: &mut Timings,
     ) -> Result<Decision, FrameError> {
         let started = Instant::now();
-        let input = self.decode(image).await;
+        let deadline = work.deadline;
+        let input = self.decode(work).await;
         let decoded = Instant::now();
         recorder.stage(Stage::Decode, started, decoded);
         timings.decode = decoded - started;
@@ -262,7 +340,7 @@ impl Pipeline {
         let perturbation = applied.scoring.perturbation();
         let inference = self
             .batcher
-            .infer(input, perturbation, recorder.trace())
+            .infer(input, perturbation, deadline, recorder.trace())
             .await?;
         recorder.engine(inference.queued, inference.compute, inference.batch_size);
         timings.queue = inference.queued;
@@ -274,16 +352,18 @@ impl Pipeline {
         Ok(decision)
     }
 
-    /// Decodes on the blocking pool, a bounded number at a time: a large
-    /// JPEG takes milliseconds, which must not block the async runtime.
-    async fn decode(self: &Arc<Self>, image: Option<ImageInput>) -> Result<Vec<f32>, FrameError> {
-        let permit = Arc::clone(&self.decoders)
-            .acquire_owned()
-            .await
-            .map_err(|_| FrameError::Unavailable)?;
+    /// Decodes on the blocking pool, a bounded number at a time, shared
+    /// fairly among clients: a large JPEG takes milliseconds, which must not
+    /// block the async runtime, and one client's must not block the others.
+    async fn decode(self: &Arc<Self>, work: Work) -> Result<Vec<f32>, FrameError> {
+        let slot = self.decoders.acquire(work.client).await;
+        if past(work.deadline) {
+            return Err(FrameError::DeadlineExceeded);
+        }
         let this = Arc::clone(self);
+        let image = work.image;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _slot = slot;
             this.preprocessor.tensor(image.as_ref())
         })
         .await
@@ -310,6 +390,73 @@ impl Pipeline {
             logits,
         }
     }
+}
+
+/// What `run` needs of a request once its scoring is resolved.
+struct Work {
+    image: Option<ImageInput>,
+    deadline: Option<Instant>,
+    client: ClientId,
+}
+
+/// Whether `deadline` has passed.
+fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
+
+/// Checks the caps on everything a frame carries besides its image. An
+/// oversized id is cut to the cap and oversized attributes dropped, so the
+/// judgement that reports the error (and echoes them) stays small.
+fn check_fields(request: &mut FrameRequest, limits: &FieldLimits) -> Result<(), FrameError> {
+    let too_large = |field, size, max| FrameError::FieldTooLarge { field, size, max };
+    let mut error = None;
+    if request.id.len() > limits.max_id_bytes {
+        error = Some(too_large(
+            "frame_id (bytes)",
+            request.id.len(),
+            limits.max_id_bytes,
+        ));
+        let mut cut = limits.max_id_bytes;
+        while !request.id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        request.id.truncate(cut);
+    }
+    let largest = request
+        .attributes
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .max()
+        .unwrap_or(0);
+    if request.attributes.len() > limits.max_attributes {
+        error = error.or(Some(too_large(
+            "attributes (count)",
+            request.attributes.len(),
+            limits.max_attributes,
+        )));
+        request.attributes.clear();
+    } else if largest > limits.max_attribute_bytes {
+        error = error.or(Some(too_large(
+            "an attribute's key and value (bytes)",
+            largest,
+            limits.max_attribute_bytes,
+        )));
+        request.attributes.clear();
+    }
+    let method = request
+        .scoring
+        .as_ref()
+        .and_then(|s| s.method.as_ref())
+        .map_or(0, String::len);
+    if method > limits.max_method_bytes {
+        error = error.or(Some(too_large(
+            "scoring.method (bytes)",
+            method,
+            limits.max_method_bytes,
+        )));
+        request.scoring = None;
+    }
+    error.map_or(Ok(()), Err)
 }
 
 /// Counts a frame as in flight until dropped (also when its future is

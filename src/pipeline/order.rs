@@ -1,20 +1,24 @@
 //! Per-stream ordering: frames of one stream are judged concurrently (so a
 //! stream can fill a batch on its own) but answered strictly in the order
-//! they arrived, exactly one answer per frame.
+//! they arrived, exactly one answer per frame — or, when the stream cannot
+//! go on, the answers already due followed by an error status. Never a
+//! frame that silently disappears.
 //!
-//! At most `window` frames of a stream are in flight; past that the stream
-//! is not read, and HTTP/2 flow control holds the producer back.
+//! A stream is read only while it has fewer than `window` frames in flight
+//! and its next frame fits in the memory budget; otherwise HTTP/2 flow
+//! control holds the producer back.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use opentelemetry::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 
-use super::{Answer, Pipeline};
+use super::{Admitted, Answer, Caller, Pipeline};
 use crate::domain::{FrameRequest, Judgement};
-use crate::telemetry::Rpc;
+use crate::error::CallError;
 
 /// Default number of frames one stream may have in flight.
 pub const DEFAULT_WINDOW: usize = 64;
@@ -24,16 +28,22 @@ pub const DEFAULT_WINDOW: usize = 64;
 pub struct StreamOptions {
     /// Frames in flight before the stream stops being read.
     pub window: usize,
-    /// The call's trace context: the parent of frames without their own.
-    pub parent: Context,
-    /// The RPC the stream came on.
-    pub rpc: Rpc,
+    /// Who the stream's frames come from.
+    pub caller: Caller,
+    /// Becomes `true` when the server starts shutting down: the stream is
+    /// no longer read, its accepted frames are answered, then it ends with
+    /// UNAVAILABLE. A receiver whose sender is gone never drains.
+    pub draining: watch::Receiver<bool>,
 }
 
-/// Reads `frames` until the client half-closes (or the stream fails),
-/// answers every frame read, in order, on `answers` (each judgement turned
-/// into the edge's message by `respond`), then returns. Returns early,
-/// dropping pending work, when the client goes away.
+type Admitting = Pin<Box<dyn Future<Output = Option<Admitted>> + Send>>;
+
+/// Reads `frames` until the client half-closes, the stream fails, or the
+/// server drains; answers every frame read, in order, on `answers` (each
+/// judgement turned into the edge's message by `respond`); then ends the
+/// stream: cleanly after a half-close, with the stream's own error after a
+/// failure, with UNAVAILABLE after a drain. Returns early, dropping pending
+/// work, when the client goes away.
 pub async fn drive<S, E, T>(
     pipeline: Arc<Pipeline>,
     mut frames: S,
@@ -42,15 +52,26 @@ pub async fn drive<S, E, T>(
     options: StreamOptions,
 ) where
     S: Stream<Item = Result<FrameRequest, E>> + Unpin,
-    E: std::fmt::Display,
+    E: From<CallError> + std::fmt::Display,
 {
     let StreamOptions {
         window,
-        parent,
-        rpc,
+        caller,
+        mut draining,
     } = options;
+    let window = window.max(1);
     let mut in_flight = FuturesOrdered::new();
+    // A frame read but not yet admitted: reading stops until it fits.
+    let mut admitting: Option<Admitting> = None;
     let mut reading = true;
+    // A dropped sender means nobody will ever drain this stream.
+    let mut watching = true;
+    // How the stream ends once every accepted frame is answered.
+    let mut ending: Option<E> = None;
+    if *draining.borrow() {
+        reading = false;
+        ending = Some(CallError::ShuttingDown.into());
+    }
     loop {
         tokio::select! {
             // Answer first: a judgement that is ready goes out before reading more.
@@ -60,24 +81,60 @@ pub async fn drive<S, E, T>(
                 if answers.send(Ok(respond(judgement))).await.is_err() {
                     return; // The client left; dropping `in_flight` cancels the rest.
                 }
-                // Sent: the frame's respond stage and span end here.
+                // Sent: the frame's respond stage, span and charge end here.
                 drop(finish);
             }
-            frame = frames.next(), if reading && in_flight.len() < window.max(1) => match frame {
-                Some(Ok(frame)) => {
-                    let pipeline = Arc::clone(&pipeline);
-                    let parent = parent.clone();
-                    in_flight.push_back(async move {
-                        pipeline.judge(frame, &parent, rpc).await
-                    });
+            admitted = async { admitting.as_mut()?.await }, if admitting.is_some() => {
+                admitting = None;
+                match admitted {
+                    Some(admitted) => in_flight.push_back(judge(&pipeline, admitted, &caller)),
+                    None => {
+                        reading = false;
+                        ending = Some(CallError::ShuttingDown.into());
+                    }
                 }
+            }
+            changed = draining.changed(), if reading && watching => {
+                // A frame already read but waiting for the budget is still
+                // admitted and answered: it was accepted off the wire.
+                if changed.is_err() {
+                    watching = false;
+                } else if *draining.borrow() {
+                    reading = false;
+                    ending = Some(CallError::ShuttingDown.into());
+                }
+            }
+            frame = frames.next(),
+                if reading && admitting.is_none() && in_flight.len() < window => match frame
+            {
+                Some(Ok(frame)) => match pipeline.budget.try_admit(frame) {
+                    Ok(admitted) => in_flight.push_back(judge(&pipeline, admitted, &caller)),
+                    Err(frame) => {
+                        let budget = pipeline.budget.clone();
+                        admitting = Some(Box::pin(async move { budget.admit(*frame).await }));
+                    }
+                },
                 Some(Err(error)) => {
                     tracing::debug!(%error, "inbound stream failed; answering pending frames");
                     reading = false;
+                    ending = Some(error);
                 }
                 None => reading = false,
             },
-            else => return,
+            else => break,
         }
     }
+    if let Some(error) = ending {
+        let _ = answers.send(Err(error)).await;
+    }
+}
+
+fn judge(
+    pipeline: &Arc<Pipeline>,
+    admitted: Admitted,
+    caller: &Caller,
+) -> impl Future<Output = Answer> + use<> {
+    let pipeline = Arc::clone(pipeline);
+    let caller = caller.clone();
+    async move { pipeline.judge(admitted, &caller).await }
 }

@@ -4,12 +4,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::call;
 use crate::domain::FrameRequest;
 use crate::pipeline::{order, Pipeline};
 use crate::telemetry::{Rpc, Telemetry};
@@ -23,16 +25,24 @@ pub struct DetectorService {
     pipeline: Arc<Pipeline>,
     info: Arc<ModelInfo>,
     window: usize,
+    draining: watch::Receiver<bool>,
 }
 
 impl DetectorService {
     /// A service judging frames with `pipeline`, describing itself with
-    /// `info`, allowing `window` frames in flight per stream.
-    pub fn new(pipeline: Arc<Pipeline>, info: ModelInfo, window: usize) -> DetectorService {
+    /// `info`, allowing `window` frames in flight per stream. Open streams
+    /// wind down when `draining` turns true.
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        info: ModelInfo,
+        window: usize,
+        draining: watch::Receiver<bool>,
+    ) -> DetectorService {
         DetectorService {
             pipeline,
             info: Arc::new(info),
             window,
+            draining,
         }
     }
 }
@@ -70,12 +80,17 @@ impl Detector for DetectorService {
         let telemetry = Arc::clone(self.pipeline.telemetry());
         let options = order::StreamOptions {
             window: self.window,
-            parent: telemetry.caller_context(request.metadata()),
-            rpc: Rpc::Detect,
+            caller: call::caller(&request, Rpc::Detect, &telemetry),
+            draining: self.draining.clone(),
         };
-        let frames = request
-            .into_inner()
-            .map(|frame| frame.map(FrameRequest::from));
+        // Every frame of the stream shares the call's deadline.
+        let deadline = call::deadline(request.metadata(), Instant::now());
+        let frames = request.into_inner().map(move |frame| {
+            frame.map(|frame| FrameRequest {
+                deadline,
+                ..FrameRequest::from(frame)
+            })
+        });
         let (verdicts, out) = mpsc::channel(self.window.max(1));
         let drive = order::drive(
             Arc::clone(&self.pipeline),
@@ -94,10 +109,23 @@ impl Detector for DetectorService {
     }
 
     async fn detect_one(&self, request: Request<Frame>) -> Result<Response<Verdict>, Status> {
-        let parent = self.pipeline.telemetry().caller_context(request.metadata());
-        let answer = Arc::clone(&self.pipeline)
-            .judge(request.into_inner().into(), &parent, Rpc::DetectOne)
-            .await;
+        let caller = call::caller(&request, Rpc::DetectOne, self.pipeline.telemetry());
+        let deadline = call::deadline(request.metadata(), Instant::now());
+        let frame = FrameRequest {
+            deadline,
+            ..FrameRequest::from(request.into_inner())
+        };
+        // A unary call that does not fit in the memory budget is refused
+        // now: it has no stream to hold back.
+        let admitted = self.pipeline.try_admit(frame).map_err(|e| {
+            self.pipeline
+                .telemetry()
+                .metrics()
+                .calls_refused
+                .fetch_add(1, Ordering::Relaxed);
+            Status::from(e)
+        })?;
+        let answer = Arc::clone(&self.pipeline).judge(admitted, &caller).await;
         // tonic encodes and sends after we return, so the unary respond stage
         // ends here; its sending is outside the frame span.
         Ok(Response::new(answer.judgement.into()))

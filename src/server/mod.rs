@@ -3,10 +3,13 @@
 //! scrapers and probes that cannot speak gRPC. `crate::app` binds the
 //! listeners and runs them.
 
+pub mod call;
+pub mod conn;
 pub mod detector;
 pub mod health;
 pub mod http;
 pub mod stack;
+pub mod tls;
 
 pub use detector::DetectorService;
 pub use health::Health;

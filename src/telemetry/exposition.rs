@@ -85,6 +85,7 @@ mod tests {
             Gauges {
                 queue_depth: 4,
                 in_flight: 5,
+                held_bytes: 6,
             },
         );
         assert!(
@@ -98,5 +99,6 @@ mod tests {
         assert!(text.contains(r#"odin_batch_size_bucket{le="4"} 1"#));
         assert!(text.contains("odin_queue_depth 4\n"));
         assert!(text.contains("odin_frames_in_flight 5\n"));
+        assert!(text.contains("odin_frames_held_bytes 6\n"));
     }
 }

@@ -143,6 +143,8 @@ pub struct Gauges {
     pub queue_depth: u64,
     /// Frames received and not yet answered.
     pub in_flight: u64,
+    /// Bytes of frames held, out of the memory budget.
+    pub held_bytes: u64,
 }
 
 /// Every metric of one sidecar. Shared by the pipeline, the batcher, the
@@ -164,6 +166,12 @@ pub struct Metrics {
     pub spans_exported: AtomicU64,
     /// `Detect` streams open now.
     pub streams_open: AtomicU64,
+    /// Client connections open now.
+    pub connections_open: AtomicU64,
+    /// Connections closed at once at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Calls refused whole (see `CallError`).
+    pub calls_refused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -178,6 +186,9 @@ impl Default for Metrics {
             spans_dropped: AtomicU64::new(0),
             spans_exported: AtomicU64::new(0),
             streams_open: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            calls_refused: AtomicU64::new(0),
         }
     }
 }
@@ -350,6 +361,34 @@ impl Metrics {
                 kind: Kind::Gauge,
                 help: "Frames received and not yet answered.",
                 points: vec![gauge(gauges.in_flight)],
+            },
+            Family {
+                name: "odin.frames.held_bytes",
+                unit: "By",
+                kind: Kind::Gauge,
+                help: "Bytes of frames the server holds now, out of its memory budget.",
+                points: vec![gauge(gauges.held_bytes)],
+            },
+            Family {
+                name: "odin.connections.open",
+                unit: "{connection}",
+                kind: Kind::Gauge,
+                help: "Client connections open now.",
+                points: vec![gauge(self.connections_open.load(Ordering::Relaxed))],
+            },
+            Family {
+                name: "odin.connections.refused",
+                unit: "{connection}",
+                kind: Kind::Counter,
+                help: "Connections closed at once because the connection limit was reached.",
+                points: vec![int(Vec::new(), &self.connections_refused)],
+            },
+            Family {
+                name: "odin.calls.refused",
+                unit: "{call}",
+                kind: Kind::Counter,
+                help: "Calls refused whole: over a limit, the memory budget, unauthenticated, or shutting down.",
+                points: vec![int(Vec::new(), &self.calls_refused)],
             },
         ]
     }

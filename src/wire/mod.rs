@@ -2,4 +2,5 @@
 //! generated types and the core's own (`crate::domain`). Nothing behind
 //! the edge sees a generated type.
 
+pub mod codec;
 pub mod odin_v1;
