@@ -1,24 +1,30 @@
-//! Batch and infer stages: frames from every stream and unary call meet in
-//! one bounded queue; a batcher task groups them (up to `max_batch`, waiting
-//! at most `max_queue_delay` for company) and hands each batch to a pool of
-//! engine worker threads, each owning one ONNX Runtime session. Only frames
-//! asking for the same perturbation (T, ε) share a batch, because G takes
-//! them as scalars; a frame that does not fit waits for the next batch.
+//! Batch and infer stages: frames from every stream and unary call wait in
+//! one queue per client; each engine worker, whenever it is free, forms its
+//! next batch from what is waiting at that moment (up to `max_batch`, taking
+//! the clients in turn, and waiting at most `max_queue_delay` for company)
+//! and runs it on its own ONNX Runtime session. Forming batches when a
+//! worker can take them — not as frames arrive — is what lets batches grow
+//! with load by themselves, as Triton's dynamic batcher does with a zero
+//! delay, while a lone frame on an idle server runs at once.
 //!
-//! The queue is bounded, so when the engine falls behind, submitters wait,
-//! stream readers stop reading, and HTTP/2 flow control pushes back on
-//! producers instead of memory growing without limit.
+//! Only frames asking for the same perturbation (T, ε) share a batch,
+//! because G takes them as scalars. Each client's frames run in arrival
+//! order; taking clients in turn means one client's backlog delays another
+//! client by at most a batch. A client's queue is bounded: past it, its
+//! submitters wait, stream readers stop reading, and HTTP/2 flow control
+//! pushes back on that producer only.
 //!
 //! Workers are std threads, outside any span context, so each job carries
 //! its frame's trace; the worker records the batch span (linked to those
 //! frames) and each frame's queue and batch stages once the run is over.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
+use super::fair::ClientId;
 use crate::engine::Engine;
 use crate::error::FrameError;
 use crate::score::Perturbation;
@@ -32,11 +38,12 @@ pub struct BatchOptions {
     /// Longest a frame waits for others to join its batch. Zero batches only
     /// what is already queued, so a lone frame on an idle server never waits.
     pub max_queue_delay: Duration,
-    /// Frames that may wait in the queue before submitters are held back.
+    /// Frames one client may have waiting before its submitters are held back.
     pub queue_capacity: usize,
 }
 
 /// One frame's input on its way to the engine.
+#[derive(Debug)]
 struct Job {
     input: Vec<f32>,
     perturbation: Option<Perturbation>,
@@ -63,148 +70,243 @@ pub struct Inference {
     pub batch_size: usize,
 }
 
-/// Handle for submitting frames to the engine workers. Cheap to clone.
+/// Handle for submitting frames to the engine workers. Cheap to clone; the
+/// workers stop once every handle is gone.
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    _open: Arc<Open>,
+}
+
+/// The queues and what the workers wait on.
+#[derive(Debug)]
+struct Shared {
+    queues: Mutex<Queues>,
+    // Workers wait here for frames (and, with a delay, for company).
+    work: Condvar,
+    options: BatchOptions,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    clients: HashMap<ClientId, ClientQueue>,
+    // Clients with frames waiting, in turn order.
+    turns: VecDeque<ClientId>,
+    queued: usize,
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct ClientQueue {
+    jobs: VecDeque<Job>,
+    // Submitters of this client waiting for room.
+    room: Arc<Notify>,
+}
+
+/// Closes the queues (so the workers return) when the last handle drops.
+#[derive(Debug)]
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        lock(&self.0.queues).closed = true;
+        self.0.work.notify_all();
+    }
 }
 
 impl Batcher {
-    /// Starts the batcher task and one worker thread per engine. Must be
-    /// called inside a tokio runtime.
+    /// Starts one worker thread per engine.
     pub fn start(
         engines: Vec<Engine>,
         options: BatchOptions,
         telemetry: Arc<Telemetry>,
     ) -> Batcher {
-        let (jobs_tx, jobs_rx) = mpsc::channel(options.queue_capacity.max(1));
-        // One batch may wait while the workers are busy; the next forms
-        // meanwhile, so batches grow with load.
-        let (batches_tx, batches_rx) = mpsc::channel::<Vec<Job>>(1);
-        let batches_rx = Arc::new(Mutex::new(batches_rx));
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues::default()),
+            work: Condvar::new(),
+            options: BatchOptions {
+                max_batch: options.max_batch.max(1),
+                queue_capacity: options.queue_capacity.max(1),
+                ..options
+            },
+        });
         for (i, engine) in engines.into_iter().enumerate() {
-            let batches = Arc::clone(&batches_rx);
+            let shared = Arc::clone(&shared);
             let telemetry = Arc::clone(&telemetry);
             let spawned = std::thread::Builder::new()
                 .name(format!("odin-engine-{i}"))
-                .spawn(move || work(engine, &batches, &telemetry));
+                .spawn(move || work(engine, &shared, &telemetry));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot spawn engine worker thread");
             }
         }
-        tokio::spawn(gather(jobs_rx, batches_tx, options));
-        Batcher { jobs: jobs_tx }
+        Batcher {
+            _open: Arc::new(Open(Arc::clone(&shared))),
+            shared,
+        }
     }
 
-    /// Queues one frame's input and waits for its logits (and those of the
-    /// perturbed frame, with `perturbation`). Waits for room in the queue
-    /// first, which is what pushes back on fast producers. With `trace`, the
-    /// frame's queue and batch stages are recorded under it.
+    /// Queues one frame's input on behalf of `client` and waits for its
+    /// logits (and those of the perturbed frame, with `perturbation`).
+    /// Waits for room in the client's queue first, which is what pushes back
+    /// on fast producers. Past `deadline` the frame is refused, not
+    /// computed. With `trace`, the frame's queue and batch stages are
+    /// recorded under it.
     pub async fn infer(
         &self,
+        client: ClientId,
         input: Vec<f32>,
         perturbation: Option<Perturbation>,
         deadline: Option<Instant>,
         trace: Option<FrameTrace>,
     ) -> Result<Inference, FrameError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
+        let mut job = Some(Job {
             input,
             perturbation,
             deadline,
             enqueued: Instant::now(),
             trace,
             reply,
-        };
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| FrameError::Unavailable)?;
+        });
+        loop {
+            let room = {
+                let mut queues = lock(&self.shared.queues);
+                if queues.closed {
+                    return Err(FrameError::Unavailable);
+                }
+                let capacity = self.shared.options.queue_capacity;
+                let queue = queues.clients.entry(client).or_default();
+                if queue.jobs.len() < capacity {
+                    let first = queue.jobs.is_empty();
+                    if let Some(mut job) = job.take() {
+                        job.enqueued = Instant::now();
+                        queue.jobs.push_back(job);
+                    }
+                    if first {
+                        queues.turns.push_back(client);
+                    }
+                    queues.queued += 1;
+                    None
+                } else {
+                    Some(Arc::clone(&queue.room))
+                }
+            };
+            match room {
+                None => break,
+                // `notify_one` keeps a permit when nobody waits yet, so room
+                // made between the unlock and this await is not missed.
+                Some(room) => room.notified().await,
+            }
+        }
+        self.shared.work.notify_one();
         answer.await.map_err(|_| FrameError::Unavailable)?
     }
 
-    /// Frames waiting in the queue now (not counting batches being formed or run).
+    /// Frames waiting for a worker now, over all clients.
     pub fn queued(&self) -> usize {
-        self.jobs.max_capacity() - self.jobs.capacity()
+        lock(&self.shared.queues).queued
     }
 }
 
-/// Groups queued jobs into batches and passes them to the workers.
-async fn gather(
-    mut jobs: mpsc::Receiver<Job>,
-    batches: mpsc::Sender<Vec<Job>>,
-    options: BatchOptions,
-) {
-    // Jobs taken from the queue that did not fit the batch being formed.
-    let mut held: VecDeque<Job> = VecDeque::new();
-    loop {
-        let first = match held.pop_front() {
-            Some(job) => job,
-            None => match jobs.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let key = first.perturbation.map(|p| p.key());
-        let fits = |job: &Job| job.perturbation.map(|p| p.key()) == key;
-        let mut batch = vec![first];
-        // Held jobs are older: they go first.
-        let mut i = 0;
-        while i < held.len() && batch.len() < options.max_batch {
-            if fits(&held[i]) {
-                batch.extend(held.remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        let deadline = tokio::time::Instant::now() + options.max_queue_delay;
-        // Held jobs count against the queue's capacity, so memory stays bounded
-        // however the perturbations of queued frames are mixed.
-        while batch.len() < options.max_batch && held.len() < options.queue_capacity {
-            let next = match jobs.try_recv() {
-                Ok(job) => Some(job),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) if options.max_queue_delay.is_zero() => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    tokio::time::timeout_at(deadline, jobs.recv())
-                        .await
-                        .ok()
-                        .flatten()
-                }
+fn lock(queues: &Mutex<Queues>) -> MutexGuard<'_, Queues> {
+    // Every update keeps the queues consistent between statements, so a
+    // panic elsewhere while holding the lock leaves them usable.
+    queues
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Queues {
+    /// Takes the head job of the next client in turn whose head job fits
+    /// `key` (any key when `None`), rotating that client to the back.
+    fn take(&mut self, key: Option<Option<(u32, u32)>>) -> Option<Job> {
+        for _ in 0..self.turns.len() {
+            let client = self.turns.pop_front()?;
+            let Some(queue) = self.clients.get_mut(&client) else {
+                continue;
             };
-            match next {
-                Some(job) if fits(&job) => batch.push(job),
-                Some(job) => held.push_back(job),
+            let fits = queue
+                .jobs
+                .front()
+                .is_some_and(|j| key.is_none_or(|k| j.perturbation.map(|p| p.key()) == k));
+            if !fits {
+                self.turns.push_back(client);
+                continue;
+            }
+            let job = queue.jobs.pop_front();
+            queue.room.notify_one();
+            if queue.jobs.is_empty() {
+                self.clients.remove(&client);
+            } else {
+                self.turns.push_back(client);
+            }
+            self.queued -= 1;
+            return job;
+        }
+        None
+    }
+}
+
+/// Forms the next batch once frames are waiting: the next client's first
+/// frame, then, round-robin, every waiting frame with the same perturbation
+/// up to `max_batch`, waiting up to `max_queue_delay` for more. `None` once
+/// the batcher is closed and drained.
+fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
+    let options = shared.options;
+    let mut queues = lock(&shared.queues);
+    while queues.queued == 0 {
+        if queues.closed {
+            return None;
+        }
+        queues = shared
+            .work
+            .wait(queues)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    let first = queues.take(None)?;
+    let key = first.perturbation.map(|p| p.key());
+    let mut batch = vec![first];
+    let deadline = Instant::now() + options.max_queue_delay;
+    loop {
+        while batch.len() < options.max_batch {
+            match queues.take(Some(key)) {
+                Some(job) => batch.push(job),
                 None => break,
             }
         }
-        if batches.send(batch).await.is_err() {
-            return;
+        let now = Instant::now();
+        if batch.len() >= options.max_batch || now >= deadline || queues.closed {
+            break;
         }
+        let (guard, _) = shared
+            .work
+            .wait_timeout(queues, deadline - now)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        queues = guard;
     }
+    // Other workers may take what this batch left behind.
+    if queues.queued > 0 {
+        shared.work.notify_one();
+    }
+    Some(batch)
 }
 
-/// A worker thread: takes batches until the batcher is gone.
-fn work(mut engine: Engine, batches: &Mutex<mpsc::Receiver<Vec<Job>>>, telemetry: &Telemetry) {
-    loop {
-        let next = match batches.lock() {
-            Ok(mut rx) => rx.blocking_recv(),
-            Err(_) => None,
-        };
-        let Some(mut batch) = next else { return };
+/// A worker thread: forms and runs batches until the batcher is closed.
+fn work(mut engine: Engine, shared: &Shared, telemetry: &Telemetry) {
+    while let Some(batch) = next_batch(shared) {
         // A frame whose stream was cancelled needs no compute, nor one whose
         // deadline has passed (it is told so).
         let now = Instant::now();
-        batch.retain(|job| !job.reply.is_closed());
         let (late, on_time): (Vec<Job>, Vec<Job>) = batch
             .into_iter()
+            .filter(|job| !job.reply.is_closed())
             .partition(|job| job.deadline.is_some_and(|d| now >= d));
         for job in late {
             let _ = job.reply.send(Err(FrameError::DeadlineExceeded));
         }
-        batch = on_time;
-        if !batch.is_empty() {
-            run_batch(&mut engine, batch, telemetry);
+        if !on_time.is_empty() {
+            run_batch(&mut engine, on_time, telemetry);
         }
     }
 }

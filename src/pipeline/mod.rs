@@ -330,7 +330,7 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<Decision, FrameError> {
         let started = Instant::now();
-        let deadline = work.deadline;
+        let (deadline, client) = (work.deadline, work.client);
         let input = self.decode(work).await;
         let decoded = Instant::now();
         recorder.stage(Stage::Decode, started, decoded);
@@ -340,7 +340,7 @@ impl Pipeline {
         let perturbation = applied.scoring.perturbation();
         let inference = self
             .batcher
-            .infer(input, perturbation, deadline, recorder.trace())
+            .infer(client, input, perturbation, deadline, recorder.trace())
             .await?;
         recorder.engine(inference.queued, inference.compute, inference.batch_size);
         timings.queue = inference.queued;
