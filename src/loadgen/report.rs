@@ -16,6 +16,9 @@ use crate::wire::odin_v1::Verdict;
 pub struct Stats {
     /// Latency of measured frames, in microseconds.
     pub latency: Histogram<u64>,
+    /// Latency of measured frames answered with a result (no error), in
+    /// microseconds: what a client that got its answer waited.
+    pub judged_latency: Histogram<u64>,
     /// Engine time of the batch that carried each measured frame, in
     /// microseconds, as the verdicts report it.
     pub compute: Histogram<u64>,
@@ -38,6 +41,8 @@ impl Default for Stats {
         Stats {
             // 1 µs .. 10 min, 3 significant digits.
             latency: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            judged_latency: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             compute: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
@@ -72,6 +77,9 @@ impl Stats {
                     }
                     let compute = v.timings.map_or(0, |t| t.inference_us);
                     let _ = self.compute.record(compute.clamp(1, 600_000_000));
+                    let _ = self
+                        .judged_latency
+                        .record(latency.as_micros().clamp(1, 600_000_000) as u64);
                 }
                 None => {}
             },
@@ -150,6 +158,11 @@ impl Report {
     /// Latency at `q` (0..1) in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
         self.stats.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// The `q` quantile of the latency of frames answered with a result, in ms.
+    pub fn judged_latency_ms(&self, q: f64) -> f64 {
+        self.stats.judged_latency.value_at_quantile(q) as f64 / 1000.0
     }
 
     fn rows(&self) -> Vec<(&'static str, String)> {

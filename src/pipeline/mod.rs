@@ -186,6 +186,7 @@ impl Pipeline {
             queue_depth: self.queued() as u64,
             in_flight: self.in_flight() as u64,
             held_bytes: self.held_bytes() as u64,
+            budget_bytes: self.budget.total() as u64,
         }
     }
 

@@ -86,6 +86,7 @@ mod tests {
                 queue_depth: 4,
                 in_flight: 5,
                 held_bytes: 6,
+                budget_bytes: 7,
             },
         );
         assert!(

@@ -145,6 +145,8 @@ pub struct Gauges {
     pub in_flight: u64,
     /// Bytes of frames held, out of the memory budget.
     pub held_bytes: u64,
+    /// The memory budget, in bytes.
+    pub budget_bytes: u64,
 }
 
 /// Every metric of one sidecar. Shared by the pipeline, the batcher, the
@@ -368,6 +370,13 @@ impl Metrics {
                 kind: Kind::Gauge,
                 help: "Bytes of frames the server holds now, out of its memory budget.",
                 points: vec![gauge(gauges.held_bytes)],
+            },
+            Family {
+                name: "odin.frames.budget_bytes",
+                unit: "By",
+                kind: Kind::Gauge,
+                help: "The memory budget for frames held (--memory-budget-mib).",
+                points: vec![gauge(gauges.budget_bytes)],
             },
             Family {
                 name: "odin.connections.open",

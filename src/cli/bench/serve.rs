@@ -3,13 +3,13 @@
 //! open-loop p99 at half the saturating rate, and the server's peak RSS.
 
 use std::path::PathBuf;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
+use super::ServerProcess;
 use crate::app;
 use crate::cli::ModelArgs;
 use crate::wire::odin_v1;
@@ -75,7 +75,7 @@ async fn parallel_engines(
 }
 
 /// The model flags of `args` as command-line words, for the server process.
-fn model_flags(args: &ModelArgs) -> Vec<String> {
+pub(super) fn model_flags(args: &ModelArgs) -> Vec<String> {
     let mut flags = vec![
         "--device".to_string(),
         format!("{:?}", args.device).to_lowercase(),
@@ -113,14 +113,6 @@ fn model_flags(args: &ModelArgs) -> Vec<String> {
     flags
 }
 
-/// Peak resident set size (VmHWM) of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Runs `bench serve`.
 pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
     use crate::loadgen::{self, LoadConfig, Mode, Pacing, Target};
@@ -143,44 +135,10 @@ pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
     };
 
     // 2. The server as its own process, so its RSS is its own.
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("serve")
-        .args(["--addr", "127.0.0.1:0"])
-        .args(model_flags(&args.model))
-        .args(args.server_flags.split_whitespace())
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| anyhow::anyhow!("server exited at once"))?;
-    let mut lines = BufReader::new(
-        child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stderr"))?,
-    )
-    .lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("server exited before serving"))?;
-        if let Some(rest) = line
-            .split("addr=")
-            .nth(1)
-            .filter(|_| line.contains("serving"))
-        {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut flags = model_flags(&args.model);
+    flags.extend(args.server_flags.split_whitespace().map(str::to_string));
+    let server = ServerProcess::start(&flags).await?;
+    let addr = server.addr.clone();
 
     let set = crate::dataset::RawSet::open(&args.data)?;
     let pool: Arc<Vec<odin_v1::Frame>> = Arc::new(
@@ -217,8 +175,8 @@ pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
         false,
     )
     .await?;
-    let rss = peak_rss_mib(pid);
-    let _ = child.start_kill();
+    let rss = server.peak_rss_mib();
+    drop(server);
 
     let compute_ms = open.stats.compute.value_at_quantile(0.5) as f64 / 1000.0;
     let p99 = open.latency_ms(0.99);
