@@ -17,7 +17,8 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_MAX_BATCH: usize = 32;
 /// Longest a frame waits for others to share its batch.
 pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::ZERO;
-/// Frames that may wait for an engine worker before submitters are held back.
+/// Frames one client may have waiting for an engine worker before its
+/// submitters are held back.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 /// Engine worker threads (one pair of ONNX Runtime sessions each). Measured
 /// on ResNet-20, 2 CPU cores (`bench serve`): two single-threaded workers

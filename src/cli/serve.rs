@@ -54,6 +54,13 @@ pub struct LimitArgs {
     /// RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = config::DEFAULT_MEMORY_BUDGET >> 20, env = "ODIN_MEMORY_BUDGET_MIB")]
     pub memory_budget_mib: usize,
+    /// Frames one stream may have in flight before it stops being read.
+    #[arg(long, default_value_t = crate::pipeline::order::DEFAULT_WINDOW, env = "ODIN_STREAM_WINDOW")]
+    pub stream_window: usize,
+    /// Frames one client (connection) may have waiting for the engine
+    /// before its submitters wait.
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_CAPACITY, env = "ODIN_QUEUE_CAPACITY")]
+    pub queue_capacity: usize,
     /// Largest image a frame may decode to, in pixels (checked from its
     /// header before anything is allocated).
     #[arg(long, default_value_t = config::DEFAULT_MAX_PIXELS, env = "ODIN_MAX_PIXELS")]
@@ -126,6 +133,8 @@ impl LimitArgs {
     /// Applies the flags to `config`.
     pub fn apply(&self, config: &mut ServeConfig, uds_mode: u32) -> Result<(), ConfigError> {
         config.memory_budget = self.memory_budget_mib.saturating_mul(1 << 20);
+        config.stream_window = self.stream_window;
+        config.batch.queue_capacity = self.queue_capacity;
         config.max_pixels = self.max_pixels;
         config.tensor_range = self.tensor_range;
         config.fields.max_id_bytes = self.max_frame_id_bytes;
