@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::authority::AuthorityFix;
 use super::tls::TlsAcceptors;
 use crate::telemetry::Metrics;
 
@@ -58,7 +59,7 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (stream, _) = l.accept().await?;
-                Ok((Transport::Unix(stream), None))
+                Ok((Transport::Unix(AuthorityFix::new(stream)), None))
             }
         }
     }
@@ -119,8 +120,8 @@ pub enum Transport {
     Tcp(TcpStream),
     /// TLS over TCP.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// A Unix domain socket.
-    Unix(UnixStream),
+    /// A Unix domain socket, whose clients' `:authority` is made valid.
+    Unix(AuthorityFix<UnixStream>),
 }
 
 /// One accepted connection: its transport, its slot under the connection

@@ -3,6 +3,7 @@
 //! scrapers and probes that cannot speak gRPC. `crate::app` binds the
 //! listeners and runs them.
 
+pub mod authority;
 pub mod call;
 pub mod conn;
 pub mod detector;
