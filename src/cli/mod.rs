@@ -49,7 +49,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the Detector gRPC service.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Judge image files in-process and print one verdict per frame.
     Detect(detect::DetectArgs),
     /// Print what would be served: model, input, provider, scoring.
@@ -72,7 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(*args)),
         Command::Detect(args) => runtime.block_on(detect::run(args)),
         Command::Info(args) => runtime.block_on(info::run(args)),
         Command::Calibrate(args) => runtime.block_on(calibrate::run(args)),
