@@ -9,11 +9,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
-use crate::domain::{ModelInfo, ScoringInfo};
+use crate::domain::{ModelInfo, ScoringInfo, Versions};
 use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
 use crate::pipeline::{
-    Batcher, DecodeLimits, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
+    Batcher, DecodeLimits, Generation, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
 };
 use crate::server::tls::{TlsAcceptors, TlsError};
 use crate::server::{self, conn, stack, DetectorService, Health};
@@ -58,7 +58,7 @@ pub enum StartError {
 /// A loaded, warmed-up sidecar, ready to serve.
 pub struct App {
     pipeline: Arc<Pipeline>,
-    info: ModelInfo,
+    reloader: Reloader,
     window: usize,
     max_unary_in_flight: usize,
     network: crate::config::NetworkOptions,
@@ -71,7 +71,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("info", &self.info).finish()
+        f.debug_struct("App")
+            .field("info", &self.pipeline.current().info)
+            .finish()
     }
 }
 
@@ -80,68 +82,42 @@ impl App {
     /// the batcher. Must run inside a tokio runtime.
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
         config.validate()?;
-        let model = Model::load(&config.model)?;
-        let preprocessor = Preprocessor::with_limits(
-            &model.card.input,
-            DecodeLimits {
-                max_pixels: config.max_pixels,
-                tensor_range: config.tensor_range,
-            },
-        );
-        let (engines, model) = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || {
-                let gradient = gradient_graph(&model, &config)?;
-                load_engines(&model, gradient.as_deref(), &config).map(|e| (e, model))
-            })
-            .await
-            .map_err(|e| StartError::Loader(e.to_string()))??
-        };
-        let provider = engines[0].provider();
+        let mut config = config.clone();
+        let calibration = config.apply_calibration()?;
+        let loaded = Loaded::load(&config).await?;
+        let provider = loaded.engines[0].provider();
         if config.engine.device == Device::Auto && provider == Provider::Cpu {
             tracing::warn!("CUDA is not available; serving on CPU (--device auto)");
         }
-        let info = model_info(&model, &engines[0], config);
-        tracing::info!(
-            model = %info.name,
-            provider = %provider,
-            workers = engines.len(),
-            method = %config.method,
-            threshold = config.threshold,
-            "model loaded and warmed up"
-        );
         let telemetry = Arc::new(Telemetry::start(
             config.otlp.as_ref(),
             &ServedModel {
-                name: info.name.clone(),
-                version: info.version.clone(),
-                provider: info.execution_provider.clone(),
+                name: loaded.model.card.name.clone(),
+                version: loaded.model.card.version.clone(),
+                provider: provider.to_string(),
             },
         )?);
         if telemetry.tracing() {
             tracing::info!("exporting spans over OTLP/gRPC");
         }
-        let can_perturb = engines[0].can_perturb();
-        let batcher = Batcher::start(engines, config.batch, Arc::clone(&telemetry));
-        let scoring = ScoringOptions {
-            scoring: config.scoring(),
-            threshold: config.threshold,
-            bounds: config.bounds,
-            can_perturb,
-        };
+        let generation = loaded.into_generation(&config, calibration, &telemetry);
+        let info = generation.info.clone();
+        tracing::info!(
+            model = %info.name,
+            revision = %info.versions.model,
+            calibration = %info.versions.calibration,
+            provider = %provider,
+            workers = config.workers,
+            method = %config.method,
+            threshold = config.threshold,
+            "model loaded and warmed up"
+        );
         let options = PipelineOptions {
-            scoring,
             decode_threads: config.decode_threads,
             memory_budget: config.memory_budget,
             fields: config.fields,
         };
-        let pipeline = Arc::new(Pipeline::new(
-            preprocessor,
-            batcher,
-            options,
-            model.card.labels.clone(),
-            Arc::clone(&telemetry),
-        ));
+        let pipeline = Arc::new(Pipeline::new(generation, options, Arc::clone(&telemetry)));
         // Weak: the push must not keep the pipeline (and its engines) alive.
         let gauges = Arc::downgrade(&pipeline);
         telemetry.spawn_metrics_push(move || gauges.upgrade().map(|p| p.gauges()));
@@ -160,9 +136,15 @@ impl App {
             .as_deref()
             .map(read_token)
             .transpose()?;
+        let reloader = Reloader(Arc::new(ReloadState {
+            config: config.clone(),
+            pipeline: Arc::clone(&pipeline),
+            telemetry: Arc::clone(&telemetry),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }));
         Ok(App {
             pipeline,
-            info,
+            reloader,
             window: config.stream_window,
             max_unary_in_flight: config.max_unary_in_flight,
             network: config.network.clone(),
@@ -173,9 +155,15 @@ impl App {
         })
     }
 
-    /// What is being served.
-    pub fn info(&self) -> &ModelInfo {
-        &self.info
+    /// What is being served now (a reload may change it).
+    pub fn info(&self) -> ModelInfo {
+        self.pipeline.current().info.clone()
+    }
+
+    /// The handle that reloads the model and calibration (on SIGHUP, or
+    /// when their files change).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The pipeline, for in-process use (`detect`, benchmarks).
@@ -254,9 +242,10 @@ impl App {
         };
         let telemetry = Arc::clone(self.pipeline.telemetry());
         let (drain, draining) = watch::channel(false);
+        // Files behind the model and calibration are watched for changes.
+        tokio::spawn(watch_files(self.reloader.clone()));
         let detector = DetectorServer::new(DetectorService::new(
             self.pipeline,
-            odin_v1::ModelInfo::from(&self.info),
             self.window,
             draining.clone(),
         ))
@@ -313,6 +302,205 @@ impl App {
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         tracing::info!("drained");
         Ok(())
+    }
+}
+
+/// A model with its warmed-up engines: the slow part of a generation,
+/// done off the async runtime.
+struct Loaded {
+    model: Model,
+    engines: Vec<Engine>,
+    digest: String,
+}
+
+impl Loaded {
+    async fn load(config: &ServeConfig) -> Result<Loaded, StartError> {
+        let model = Model::load(&config.model)?;
+        let digest = crate::model::short_digest(&model.onnx);
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let gradient = gradient_graph(&model, &config)?;
+            let engines = load_engines(&model, gradient.as_deref(), &config)?;
+            Ok(Loaded {
+                model,
+                engines,
+                digest,
+            })
+        })
+        .await
+        .map_err(|e| StartError::Loader(e.to_string()))?
+    }
+
+    /// Starts the engines' workers and assembles the generation.
+    fn into_generation(
+        self,
+        config: &ServeConfig,
+        calibration: String,
+        telemetry: &Arc<Telemetry>,
+    ) -> Generation {
+        let versions = Versions {
+            model: format!("{}@{}", self.model.card.version, self.digest).into(),
+            calibration: calibration.into(),
+        };
+        let info = model_info(&self.model, &self.engines[0], config, versions);
+        let can_perturb = self.engines[0].can_perturb();
+        Generation {
+            preprocessor: preprocessor(&self.model, config),
+            batcher: Batcher::start(self.engines, config.batch, Arc::clone(telemetry)),
+            scoring: scoring_options(config, can_perturb),
+            labels: self.model.card.labels.clone(),
+            info,
+        }
+    }
+}
+
+fn preprocessor(model: &Model, config: &ServeConfig) -> Preprocessor {
+    Preprocessor::with_limits(
+        &model.card.input,
+        DecodeLimits {
+            max_pixels: config.max_pixels,
+            tensor_range: config.tensor_range,
+        },
+    )
+}
+
+fn scoring_options(config: &ServeConfig, can_perturb: bool) -> ScoringOptions {
+    ScoringOptions {
+        scoring: config.scoring(),
+        threshold: config.threshold,
+        bounds: config.bounds,
+        can_perturb,
+    }
+}
+
+/// Reloads the model and its calibration while serving: the new version is
+/// loaded beside the old one and put in force at once for new frames;
+/// frames in flight finish on the old one; open streams go on. A file that
+/// cannot be used is logged and the old version keeps serving. Cheap to
+/// clone.
+#[derive(Debug, Clone)]
+pub struct Reloader(Arc<ReloadState>);
+
+#[derive(Debug)]
+struct ReloadState {
+    config: ServeConfig,
+    pipeline: Arc<Pipeline>,
+    telemetry: Arc<Telemetry>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The files are the ones already served.
+    Unchanged,
+    /// A new calibration is in force (same model and engines).
+    Calibration(Versions),
+    /// A new model (with its calibration) is in force.
+    Model(Versions),
+}
+
+impl Reloader {
+    /// Reads the model and calibration files again and puts what changed in
+    /// force. On error nothing changes.
+    pub async fn reload(&self) -> Result<Reloaded, StartError> {
+        let state = &self.0;
+        let _one = state.one_at_a_time.lock().await;
+        let mut config = state.config.clone();
+        let calibration = config.apply_calibration()?;
+        let current = state.pipeline.current();
+        let model = Model::load(&config.model)?;
+        let same_model = format!(
+            "{}@{}",
+            model.card.version,
+            crate::model::short_digest(&model.onnx)
+        ) == *current.info.versions.model;
+        if same_model && calibration == *current.info.versions.calibration {
+            return Ok(Reloaded::Unchanged);
+        }
+        let generation = if same_model {
+            let versions = Versions {
+                model: Arc::clone(&current.info.versions.model),
+                calibration: calibration.into(),
+            };
+            let mut info = current.info.clone();
+            let scoring = scoring_options(&config, current.scoring.can_perturb);
+            if scoring.scoring.perturbation().is_some() && !scoring.can_perturb {
+                return Err(StartError::Gradient(
+                    "the new calibration needs the gradient graph, which this model lacks".into(),
+                ));
+            }
+            info.scoring = scoring_info(&config, scoring.can_perturb);
+            info.versions = versions;
+            Generation {
+                preprocessor: current.preprocessor.clone(),
+                batcher: current.batcher.clone(),
+                scoring,
+                labels: current.labels.clone(),
+                info,
+            }
+        } else {
+            Loaded::load(&config)
+                .await?
+                .into_generation(&config, calibration, &state.telemetry)
+        };
+        let versions = generation.info.versions.clone();
+        state.pipeline.install(generation);
+        tracing::info!(
+            revision = %versions.model,
+            calibration = %versions.calibration,
+            "reloaded; new frames use the new version"
+        );
+        Ok(if same_model {
+            Reloaded::Calibration(versions)
+        } else {
+            Reloaded::Model(versions)
+        })
+    }
+
+    /// The files a reload reads: the model (when not built in) and the
+    /// calibration (when from a file).
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        let config = &self.0.config;
+        let mut files = Vec::new();
+        if let crate::model::ModelSource::File { model, .. } = &config.model {
+            files.push(model.clone());
+        }
+        if let crate::config::CalibrationSource::File(path) = &config.calibration {
+            files.push(path.clone());
+        }
+        files
+    }
+}
+
+/// Reloads whenever a watched file's modification time changes, checking
+/// every two seconds. A failed reload is logged; the old version serves on.
+async fn watch_files(reloader: Reloader) {
+    let files = reloader.files();
+    if files.is_empty() {
+        return;
+    }
+    let stamp = || -> Vec<Option<std::time::SystemTime>> {
+        files
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    };
+    let mut seen = stamp();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // Stop once the server (the pipeline's other owners) is gone.
+        if Arc::strong_count(&reloader.0.pipeline) <= 1 {
+            return;
+        }
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err(e) = reloader.reload().await {
+            tracing::error!(error = %e, "a watched file changed but cannot be served; the previous version serves on");
+        }
     }
 }
 
@@ -393,10 +581,16 @@ fn read_token(path: &std::path::Path) -> Result<Arc<[u8]>, crate::config::Config
     Ok(Arc::from(token.as_bytes()))
 }
 
-fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo {
+fn model_info(
+    model: &Model,
+    engine: &Engine,
+    config: &ServeConfig,
+    versions: Versions,
+) -> ModelInfo {
     let card = &model.card;
     let shape = engine.shape();
     ModelInfo {
+        versions,
         name: card.name.clone(),
         version: card.version.clone(),
         input_name: shape.input_name.clone(),
@@ -405,16 +599,20 @@ fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo
         labels: card.labels.clone(),
         preprocessing: card.input.clone(),
         execution_provider: engine.provider().to_string(),
-        scoring: ScoringInfo {
-            method: config.method.to_string(),
-            temperature: config.temperature,
-            epsilon: config.scoring().effective_epsilon(),
-            threshold: config.threshold,
-            threshold_source: config.threshold_source.clone(),
-            min_temperature: config.bounds.min_temperature,
-            max_temperature: config.bounds.max_temperature,
-            max_epsilon: config.bounds.max_epsilon,
-            perturbation_available: engine.can_perturb(),
-        },
+        scoring: scoring_info(config, engine.can_perturb()),
+    }
+}
+
+fn scoring_info(config: &ServeConfig, can_perturb: bool) -> ScoringInfo {
+    ScoringInfo {
+        method: config.method.to_string(),
+        temperature: config.temperature,
+        epsilon: config.scoring().effective_epsilon(),
+        threshold: config.threshold,
+        threshold_source: config.threshold_source.clone(),
+        min_temperature: config.bounds.min_temperature,
+        max_temperature: config.bounds.max_temperature,
+        max_epsilon: config.bounds.max_epsilon,
+        perturbation_available: can_perturb,
     }
 }

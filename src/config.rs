@@ -162,6 +162,17 @@ pub struct TlsFiles {
     pub client_ca: Option<std::path::PathBuf>,
 }
 
+/// Where the scoring settings come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CalibrationSource {
+    /// `--method`, `--temperature`, `--epsilon`, `--threshold` (or defaults).
+    Flags,
+    /// The built-in model's calibration, compiled in.
+    BuiltIn,
+    /// A calibration file from `calibrate`.
+    File(std::path::PathBuf),
+}
+
 /// A configuration the server cannot run with. `main` exits with 64
 /// (sysexits' EX_USAGE) for it, so an orchestrator can tell a bad rollout
 /// from a crash.
@@ -190,6 +201,9 @@ pub struct ServeConfig {
     pub threshold: f32,
     /// Where `threshold` came from, for `GetModelInfo` ("flag" or a file).
     pub threshold_source: String,
+    /// Where method, T, ε and threshold came from; a calibration file is
+    /// read again on a live reload.
+    pub calibration: CalibrationSource,
     /// Bounds on per-frame scoring overrides.
     pub bounds: OverrideBounds,
     /// Frames one stream may have in flight.
@@ -234,6 +248,7 @@ impl Default for ServeConfig {
             epsilon: 0.0,
             threshold: DEFAULT_THRESHOLD,
             threshold_source: "flag".into(),
+            calibration: CalibrationSource::Flags,
             bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
             decode_threads: DEFAULT_DECODE_THREADS,
@@ -278,6 +293,45 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// Reads the calibration (file or built-in) and sets method, T, ε,
+    /// threshold and where they came from; returns the calibration's
+    /// version ("flags" when none). Called at start and on every reload.
+    pub fn apply_calibration(&mut self) -> Result<String, ConfigError> {
+        use crate::calib::calibrate::Calibration;
+        let (calibration, source, version) = match &self.calibration {
+            CalibrationSource::Flags => return Ok("flags".into()),
+            CalibrationSource::BuiltIn => {
+                let text = crate::model::DEFAULT_MODEL_CALIBRATION;
+                let calibration = Calibration::parse(text, "<embedded>")
+                    .map_err(|e| ConfigError(format!("built-in calibration: {e}")))?;
+                let version = crate::model::short_digest(text.as_bytes());
+                let source = "built-in calibration (models/cifar10_cnn.calibration.json)";
+                (calibration, source.to_string(), version)
+            }
+            CalibrationSource::File(path) => {
+                let bad = |e: &dyn std::fmt::Display| {
+                    ConfigError(format!("--calibration {}: {e}", path.display()))
+                };
+                let bytes = std::fs::read(path).map_err(|e| bad(&e))?;
+                let text = std::str::from_utf8(&bytes).map_err(|e| bad(&e))?;
+                let name = path
+                    .file_name()
+                    .map_or_else(|| "calibration".into(), |n| n.to_string_lossy());
+                let calibration = Calibration::parse(text, &name).map_err(|e| bad(&e))?;
+                let version = crate::model::short_digest(&bytes);
+                // Its name and digest, never the server's path to it.
+                let source = format!("{name} (sha256 {version}…)");
+                (calibration, source, version)
+            }
+        };
+        self.method = calibration.method();
+        self.temperature = calibration.temperature;
+        self.epsilon = calibration.epsilon;
+        self.threshold = calibration.threshold;
+        self.threshold_source = source;
+        Ok(version)
     }
 
     /// The scoring of frames that carry no override.

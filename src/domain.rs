@@ -5,6 +5,7 @@
 //! more edge module.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -139,6 +140,18 @@ pub struct Judgement {
     pub outcome: Result<Decision, FrameError>,
     /// Where the time went.
     pub timings: Timings,
+    /// Which model and calibration judged it.
+    pub versions: Versions,
+}
+
+/// Which model and which calibration are (or were) in force. They change on
+/// a live reload; every judgement says which it got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Versions {
+    /// The card's version and the start of the model file's SHA-256.
+    pub model: Arc<str>,
+    /// The start of the calibration's SHA-256, or "flags".
+    pub calibration: Arc<str>,
 }
 
 /// What is being served: what a client needs to prepare frames and read
@@ -163,6 +176,8 @@ pub struct ModelInfo {
     pub execution_provider: String,
     /// How frames are scored.
     pub scoring: ScoringInfo,
+    /// The model and calibration versions.
+    pub versions: Versions,
 }
 
 /// How frames are scored and thresholded, and what they may override.

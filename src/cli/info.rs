@@ -18,6 +18,6 @@ pub struct InfoArgs {
 /// Runs `info`.
 pub async fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let app = App::build(&args.model.config()?).await?;
-    println!("{}", serde_json::to_string_pretty(app.info())?);
+    println!("{}", serde_json::to_string_pretty(&app.info())?);
     Ok(ExitCode::SUCCESS)
 }

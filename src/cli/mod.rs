@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::calib::calibrate::Calibration;
-use crate::config::{self, ServeConfig};
+use crate::config::{self, CalibrationSource, ServeConfig};
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
-use crate::model::DEFAULT_MODEL_CALIBRATION;
 use crate::pipeline::BatchOptions;
 use crate::score::Method;
 
@@ -81,23 +79,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::ExportGrad(args) => runtime.block_on(export_grad::run(args)),
     }
-}
-
-/// How `GetModelInfo` names a calibration file: its file name and the
-/// start of its SHA-256, never its absolute path (which tells a client
-/// about the server's file system).
-fn calibration_source(path: &std::path::Path) -> Result<String, config::ConfigError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| config::ConfigError(format!("--calibration {}: {e}", path.display())))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    let hex: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let name = path
-        .file_name()
-        .map_or_else(|| "calibration".into(), |n| n.to_string_lossy());
-    Ok(format!("{name} (sha256 {hex}…)"))
 }
 
 /// Whether `error` comes from an unusable configuration (exit code 64).
@@ -228,26 +209,13 @@ impl ModelArgs {
             || self.temperature.is_some()
             || self.epsilon.is_some()
             || self.threshold.is_some();
-        let calibration = match (&self.calibration, &self.model) {
-            (Some(path), _) => {
-                let calibration = Calibration::load(path)
-                    .map_err(|e| config::ConfigError(format!("--calibration: {e:#}")))?;
-                Some((calibration, calibration_source(path)?))
-            }
+        config.calibration = match (&self.calibration, &self.model) {
+            (Some(path), _) => CalibrationSource::File(path.clone()),
             // The built-in model ships calibrated, so `serve` alone gives ODIN verdicts.
-            (None, None) if !scoring_flags => Some((
-                Calibration::parse(DEFAULT_MODEL_CALIBRATION, "<embedded>")?,
-                "built-in calibration (models/cifar10_cnn.calibration.json)".to_string(),
-            )),
-            _ => None,
+            (None, None) if !scoring_flags => CalibrationSource::BuiltIn,
+            _ => CalibrationSource::Flags,
         };
-        if let Some((calibration, source)) = calibration {
-            config.method = calibration.method();
-            config.temperature = calibration.temperature;
-            config.epsilon = calibration.epsilon;
-            config.threshold = calibration.threshold;
-            config.threshold_source = source;
-        }
+        config.apply_calibration()?;
         Ok(config)
     }
 }

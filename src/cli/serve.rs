@@ -1,5 +1,6 @@
 //! `odin-sidecar serve`: load, warm up, serve until SIGINT/SIGTERM, drain
-//! within the grace period; a second signal exits at once.
+//! within the grace period; a second signal exits at once. SIGHUP reloads
+//! the model and calibration.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -217,6 +218,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    // SIGHUP reloads the model and calibration files (so does a change of
+    // either file, noticed within two seconds).
+    let reloader = app.reloader();
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the model and calibration");
+            if let Err(e) = reloader.reload().await {
+                tracing::error!(error = %e, "reload refused; the previous version serves on");
+            }
+        }
+    });
     // The first SIGINT/SIGTERM drains; a second one exits at once.
     let (first, drain) = oneshot::channel::<()>();
     let (second, forced) = oneshot::channel::<()>();

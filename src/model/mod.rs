@@ -19,6 +19,16 @@ pub const DEFAULT_MODEL_CARD: &str = include_str!("../../models/cifar10_cnn.card
 pub const DEFAULT_MODEL_CALIBRATION: &str =
     include_str!("../../models/cifar10_cnn.calibration.json");
 
+/// The first 8 bytes of the SHA-256 of `bytes`, in hex: a short, stable
+/// version tag for a model or calibration file.
+pub fn short_digest(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {

@@ -15,14 +15,15 @@ pub mod fair;
 pub mod order;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use opentelemetry::Context;
 
 use crate::config::FieldLimits;
 use crate::domain::{
-    AppliedScoring, Decision, FrameRequest, ImageInput, Judgement, ScoringRequest, Timings,
+    AppliedScoring, Decision, FrameRequest, ImageInput, Judgement, ModelInfo, ScoringRequest,
+    Timings,
 };
 use crate::error::{CallError, FrameError};
 use crate::score::{self, Outputs, Scoring};
@@ -57,11 +58,9 @@ pub struct OverrideBounds {
     pub max_epsilon: f32,
 }
 
-/// How the pipeline runs, besides its stages.
+/// How the pipeline runs, whatever model it serves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PipelineOptions {
-    /// Scoring in force and what frames may override.
-    pub scoring: ScoringOptions,
     /// Concurrent decodes.
     pub decode_threads: usize,
     /// Bytes of frames held at once, over all streams and calls.
@@ -92,17 +91,33 @@ impl Caller {
     }
 }
 
+/// What serves one model with one calibration: replaced as a whole by a
+/// live reload. A frame takes the generation in force when it arrives and
+/// keeps it to the end, so frames in flight finish on the old one while new
+/// frames already use the new one.
+#[derive(Debug)]
+pub struct Generation {
+    /// The model's preprocessing.
+    pub preprocessor: Preprocessor,
+    /// The model's engine workers.
+    pub batcher: Batcher,
+    /// Scoring in force and what frames may override.
+    pub scoring: ScoringOptions,
+    /// Class labels, in logit order.
+    pub labels: Vec<String>,
+    /// What is served, versions included.
+    pub info: ModelInfo,
+}
+
 /// Everything needed to judge frames. Shared by all streams.
 pub struct Pipeline {
-    preprocessor: Preprocessor,
+    current: RwLock<Arc<Generation>>,
     // Decoding runs on tokio's blocking pool, a few frames at a time, shared
     // fairly: one client's expensive frames wait behind each other, not in
     // front of everyone else's.
     decoders: fair::FairPool,
     budget: MemoryBudget,
-    batcher: Batcher,
     options: PipelineOptions,
-    labels: Vec<String>,
     in_flight: AtomicUsize,
     telemetry: Arc<Telemetry>,
 }
@@ -134,23 +149,38 @@ pub struct Finish {
 }
 
 impl Pipeline {
-    /// Assembles the pipeline from its stages.
+    /// Assembles the pipeline around its first generation.
     pub fn new(
-        preprocessor: Preprocessor,
-        batcher: Batcher,
+        generation: Generation,
         options: PipelineOptions,
-        labels: Vec<String>,
         telemetry: Arc<Telemetry>,
     ) -> Pipeline {
         Pipeline {
-            preprocessor,
+            current: RwLock::new(Arc::new(generation)),
             decoders: fair::FairPool::new(options.decode_threads),
             budget: MemoryBudget::new(options.memory_budget),
-            batcher,
             options,
-            labels,
             in_flight: AtomicUsize::new(0),
             telemetry,
+        }
+    }
+
+    /// The generation in force now.
+    pub fn current(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Puts `generation` in force for every frame that arrives from now
+    /// on; returns the one it replaces (which serves its frames in flight
+    /// and stops once they are answered).
+    pub fn install(&self, generation: Generation) -> Arc<Generation> {
+        let new = Arc::new(generation);
+        match self.current.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
         }
     }
 
@@ -197,18 +227,26 @@ impl Pipeline {
 
     /// Frames waiting for an engine worker.
     pub fn queued(&self) -> usize {
-        self.batcher.queued()
+        self.current().batcher.queued()
     }
 
     /// The scoring settings in force.
     pub fn options(&self) -> ScoringOptions {
-        self.options.scoring
+        self.current().scoring
     }
 
+    /// The scoring and threshold for one frame under the generation in
+    /// force (see [`Generation::resolve`]).
+    pub fn resolve(&self, over: Option<&ScoringRequest>) -> Result<AppliedScoring, FrameError> {
+        self.current().resolve(over)
+    }
+}
+
+impl Generation {
     /// The scoring and threshold for one frame: the server's, or the frame's
     /// override when it is valid and inside the bounds.
     pub fn resolve(&self, over: Option<&ScoringRequest>) -> Result<AppliedScoring, FrameError> {
-        let options = self.options.scoring;
+        let options = self.scoring;
         let mut scoring = options.scoring;
         let Some(over) = over else {
             return Ok(AppliedScoring {
@@ -257,6 +295,29 @@ impl Pipeline {
         Ok(AppliedScoring { scoring, threshold })
     }
 
+    fn score(&self, inference: Inference, applied: AppliedScoring) -> Decision {
+        let Inference {
+            logits,
+            perturbed_logits,
+            ..
+        } = inference;
+        let class = score::argmax(&logits);
+        let value = applied.scoring.score(Outputs {
+            logits: &logits,
+            perturbed: perturbed_logits.as_deref(),
+        });
+        Decision {
+            score: value,
+            in_distribution: value >= applied.threshold,
+            predicted_class: class,
+            label: self.labels.get(class).cloned().unwrap_or_default(),
+            max_softmax: score::max_softmax(&logits, 1.0),
+            logits,
+        }
+    }
+}
+
+impl Pipeline {
     /// Judges one admitted frame. Never fails: a bad frame gets a judgement
     /// carrying its error. The frame's charge is returned when its answer's
     /// `finish` is dropped.
@@ -284,8 +345,11 @@ impl Pipeline {
             deadline,
             ..
         } = request;
+        // The generation in force now judges this frame to the end, even if
+        // a reload installs another meanwhile.
+        let generation = self.current();
         // The frame's own scoring, checked against the bounds.
-        let applied = fields.and_then(|()| self.resolve(scoring.as_ref()));
+        let applied = fields.and_then(|()| generation.resolve(scoring.as_ref()));
         let in_force = applied.as_ref().ok().copied();
         recorder.stage(Stage::Receive, arrived, Instant::now());
         let mut timings = Timings::default();
@@ -293,6 +357,7 @@ impl Pipeline {
             image,
             deadline,
             client: caller.client,
+            generation: Arc::clone(&generation),
         };
         let outcome = match applied {
             Ok(applied) => {
@@ -310,6 +375,7 @@ impl Pipeline {
             scoring: in_force,
             outcome,
             timings,
+            versions: generation.info.versions.clone(),
         };
         let recorded = recorder.finish(&judgement, ready);
         Answer {
@@ -332,6 +398,7 @@ impl Pipeline {
     ) -> Result<Decision, FrameError> {
         let started = Instant::now();
         let (deadline, client) = (work.deadline, work.client);
+        let generation = Arc::clone(&work.generation);
         let input = self.decode(work).await;
         let decoded = Instant::now();
         recorder.stage(Stage::Decode, started, decoded);
@@ -339,7 +406,7 @@ impl Pipeline {
         let input = input?;
 
         let perturbation = applied.scoring.perturbation();
-        let inference = self
+        let inference = generation
             .batcher
             .infer(client, input, perturbation, deadline, recorder.trace())
             .await?;
@@ -348,7 +415,7 @@ impl Pipeline {
         timings.inference = inference.compute;
 
         let scored = Instant::now();
-        let decision = self.score(inference, applied);
+        let decision = generation.score(inference, applied);
         recorder.stage(Stage::Score, scored, Instant::now());
         Ok(decision)
     }
@@ -361,35 +428,15 @@ impl Pipeline {
         if past(work.deadline) {
             return Err(FrameError::DeadlineExceeded);
         }
-        let this = Arc::clone(self);
-        let image = work.image;
+        let Work {
+            image, generation, ..
+        } = work;
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            this.preprocessor.tensor(image.as_ref())
+            generation.preprocessor.tensor(image.as_ref())
         })
         .await
         .map_err(|e| FrameError::Internal(format!("decode task failed: {e}")))?
-    }
-
-    fn score(&self, inference: Inference, applied: AppliedScoring) -> Decision {
-        let Inference {
-            logits,
-            perturbed_logits,
-            ..
-        } = inference;
-        let class = score::argmax(&logits);
-        let value = applied.scoring.score(Outputs {
-            logits: &logits,
-            perturbed: perturbed_logits.as_deref(),
-        });
-        Decision {
-            score: value,
-            in_distribution: value >= applied.threshold,
-            predicted_class: class,
-            label: self.labels.get(class).cloned().unwrap_or_default(),
-            max_softmax: score::max_softmax(&logits, 1.0),
-            logits,
-        }
     }
 }
 
@@ -398,6 +445,7 @@ struct Work {
     image: Option<ImageInput>,
     deadline: Option<Instant>,
     client: ClientId,
+    generation: Arc<Generation>,
 }
 
 /// Whether `deadline` has passed.

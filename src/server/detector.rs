@@ -23,24 +23,21 @@ use crate::wire::odin_v1::{
 #[derive(Debug, Clone)]
 pub struct DetectorService {
     pipeline: Arc<Pipeline>,
-    info: Arc<ModelInfo>,
     window: usize,
     draining: watch::Receiver<bool>,
 }
 
 impl DetectorService {
-    /// A service judging frames with `pipeline`, describing itself with
-    /// `info`, allowing `window` frames in flight per stream. Open streams
-    /// wind down when `draining` turns true.
+    /// A service judging frames with `pipeline`, allowing `window` frames
+    /// in flight per stream. Open streams wind down when `draining` turns
+    /// true.
     pub fn new(
         pipeline: Arc<Pipeline>,
-        info: ModelInfo,
         window: usize,
         draining: watch::Receiver<bool>,
     ) -> DetectorService {
         DetectorService {
             pipeline,
-            info: Arc::new(info),
             window,
             draining,
         }
@@ -135,6 +132,9 @@ impl Detector for DetectorService {
         &self,
         _request: Request<GetModelInfoRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        Ok(Response::new(ModelInfo::clone(&self.info)))
+        // What is served now: a reload may have changed it.
+        Ok(Response::new(ModelInfo::from(
+            &self.pipeline.current().info,
+        )))
     }
 }

@@ -101,11 +101,14 @@ impl From<domain::Judgement> for Verdict {
             scoring,
             outcome,
             timings,
+            versions,
         } = judgement;
         let mut verdict = Verdict {
             frame_id,
             attributes,
             timings: Some(timings.into()),
+            model_revision: versions.model.to_string(),
+            calibration_version: versions.calibration.to_string(),
             ..Verdict::default()
         };
         if let Some(applied) = scoring {
@@ -180,7 +183,9 @@ impl From<&domain::ModelInfo> for ModelInfo {
                 max_temperature: scoring.max_temperature,
                 max_epsilon: scoring.max_epsilon,
                 perturbation_available: scoring.perturbation_available,
+                calibration_version: info.versions.calibration.to_string(),
             }),
+            revision: info.versions.model.to_string(),
         }
     }
 }
@@ -255,6 +260,10 @@ mod tests {
                 total: Duration::from_micros(1500),
                 ..Default::default()
             },
+            versions: domain::Versions {
+                model: "1@00ff00ff".into(),
+                calibration: "flags".into(),
+            },
         };
         let verdict = Verdict::from(judgement);
         assert_eq!(verdict.method, "msp");
@@ -266,5 +275,12 @@ mod tests {
             (3, "UNSUPPORTED_CHANNELS")
         );
         assert_eq!(verdict.timings.map(|t| t.total_us), Some(1500));
+        assert_eq!(
+            (
+                verdict.model_revision.as_str(),
+                verdict.calibration_version.as_str()
+            ),
+            ("1@00ff00ff", "flags")
+        );
     }
 }
