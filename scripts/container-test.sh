@@ -115,6 +115,17 @@ else
   pass "base image $BASE_IMAGE: from debootstrap, imported ($(since "$t") s)"
 fi
 
+# ------------------------------------------------------------ preflight ---
+# Tell "this machine cannot run containers at all" (no user namespaces, no
+# cgroups: a sandboxed CI runner) from "our image is broken": the bare base
+# image must run `true`, or the test is skipped with the reason.
+if ! "${podman[@]}" run --rm --network=host "${run_ulimits[@]}" "$BASE_IMAGE" true >"$work/preflight.log" 2>&1; then
+  echo "SKIP  container-test: this machine cannot run a container of the bare base image:"
+  tail -5 "$work/preflight.log" | sed 's/^/      /'
+  exit 0
+fi
+pass "preflight: the bare base image runs"
+
 # ---------------------------------------------------------------- build ---
 t=$(now)
 if ! ls .cache/onnxruntime/libonnxruntime.so.* >/dev/null 2>&1; then
@@ -123,6 +134,10 @@ fi
 ctx=$work/context
 mkdir -p "$ctx/target/release" "$ctx/.cache/onnxruntime"
 cp "$binary" "$ctx/target/release/odin-sidecar"
+# A debug build carries hundreds of MB of debug info the image does not need.
+if command -v strip >/dev/null 2>&1; then
+  strip --strip-debug "$ctx/target/release/odin-sidecar"
+fi
 cp .cache/onnxruntime/libonnxruntime*.so* "$ctx/.cache/onnxruntime/"
 # OCI format (podman's default): it has no HEALTHCHECK field, so buildah
 # warns that it ignores the Dockerfile's `HEALTHCHECK NONE`; harmless.

@@ -212,7 +212,8 @@ impl App {
                  (set --tls-cert and --tls-key)"
             );
         }
-        self.serve_on(conn::Listener::Tcp(listener), shutdown).await
+        self.serve_on(vec![conn::Listener::Tcp(listener)], shutdown)
+            .await
     }
 
     /// Serves on a Unix domain socket until `shutdown` completes.
@@ -221,7 +222,7 @@ impl App {
         listener: tokio::net::UnixListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
-        self.serve_on(conn::Listener::Unix(listener), shutdown)
+        self.serve_on(vec![conn::Listener::Unix(listener)], shutdown)
             .await
     }
 
@@ -232,7 +233,7 @@ impl App {
     /// shutdown grace period is cut. Spans left are exported last.
     pub async fn serve_on(
         self,
-        listener: conn::Listener,
+        listeners: Vec<conn::Listener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
         let reflection = || {
@@ -251,18 +252,14 @@ impl App {
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let net = &self.network;
-        let tls = match listener {
-            conn::Listener::Tcp(_) => self.tls.clone(),
-            conn::Listener::Unix(_) => None,
-        };
         let incoming = conn::incoming(
-            listener,
+            listeners,
             conn::ConnOptions {
                 max_connections: net.max_connections,
                 idle_timeout: net.idle_timeout,
                 handshake_timeout: net.handshake_timeout,
             },
-            tls,
+            self.tls.clone(),
             Arc::clone(telemetry.metrics()),
         );
         let stack = stack::StackOptions {

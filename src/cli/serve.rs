@@ -13,18 +13,20 @@ use tokio::sync::oneshot;
 
 use super::ModelArgs;
 use crate::app::App;
+use crate::server::conn::Listener;
 use crate::config::{self, ConfigError, NetworkOptions, ServeConfig, TlsFiles};
 use crate::telemetry::OtlpConfig;
 
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = config::DEFAULT_ADDR, env = "ODIN_ADDR")]
-    pub addr: SocketAddr,
-    /// Listen on this Unix domain socket instead of TCP (for a sidecar
-    /// sharing a pod or host with its client). A stale socket left by an
-    /// earlier run is replaced; any other file there is refused.
+    /// TCP address to listen on [default: 127.0.0.1:50051, unless --uds
+    /// is given].
+    #[arg(long, env = "ODIN_ADDR")]
+    pub addr: Option<SocketAddr>,
+    /// Listen on this Unix domain socket (for a sidecar sharing a pod or
+    /// host with its client); with --addr too, on both. A stale socket left
+    /// by an earlier run is replaced; any other file there is refused.
     #[arg(long, env = "ODIN_UDS")]
     pub uds: Option<PathBuf>,
     /// File mode of the Unix socket, in octal.
@@ -247,21 +249,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let drain = async move {
         let _ = drain.await;
     };
-    let serving = async {
-        match &args.uds {
-            Some(path) => {
-                let listener = bind_unix(path, args.uds_mode)?;
-                tracing::info!(uds = %path.display(), "serving odin.v1.Detector");
-                let served = app.serve_unix(listener, drain).await;
-                let _ = std::fs::remove_file(path);
-                Ok::<(), anyhow::Error>(served?)
-            }
-            None => {
-                let listener = TcpListener::bind(args.addr).await?;
-                tracing::info!(addr = %listener.local_addr()?, "serving odin.v1.Detector");
-                Ok(app.serve(listener, drain).await?)
-            }
+    let mut listeners = Vec::new();
+    let addr = match (&args.uds, args.addr) {
+        (None, None) => Some(config::DEFAULT_ADDR.parse()?),
+        (_, addr) => addr,
+    };
+    if let Some(addr) = addr {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && config.network.tls.is_none() {
+            tracing::warn!(
+                %addr,
+                "listening beyond loopback without TLS: frames and tokens travel in clear text \
+                 (set --tls-cert and --tls-key)"
+            );
         }
+        tracing::info!(%addr, "serving odin.v1.Detector");
+        listeners.push(Listener::Tcp(listener));
+    }
+    if let Some(path) = &args.uds {
+        listeners.push(Listener::Unix(bind_unix(path, args.uds_mode)?));
+        tracing::info!(uds = %path.display(), "serving odin.v1.Detector");
+    }
+    let serving = async {
+        let served = app.serve_on(listeners, drain).await;
+        if let Some(path) = &args.uds {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok::<(), anyhow::Error>(served?)
     };
     tokio::select! {
         served = serving => served?,

@@ -151,17 +151,43 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts connections on `listener` until the returned stream is dropped
-/// (tonic drops it when it stops serving, which closes the listener).
+/// Accepts connections on every listener until the returned stream is
+/// dropped (tonic drops it when it stops serving, which closes the
+/// listeners). The connection limit and the ids are shared; TLS, when
+/// given, applies to TCP listeners only.
 pub fn incoming(
-    listener: Listener,
+    listeners: Vec<Listener>,
     options: ConnOptions,
     tls: Option<TlsAcceptors>,
     metrics: Arc<Metrics>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, options, tls, metrics, tx));
+    let shared = Arc::new(Shared {
+        slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
+        ids: AtomicU64::new(1),
+    });
+    for listener in listeners {
+        let tls = match listener {
+            Listener::Tcp(_) => tls.clone(),
+            Listener::Unix(_) => None,
+        };
+        tokio::spawn(accept_loop(
+            listener,
+            options,
+            tls,
+            Arc::clone(&metrics),
+            Arc::clone(&shared),
+            tx.clone(),
+        ));
+    }
     ReceiverStream::new(rx)
+}
+
+/// What the accept loops of one server share.
+#[derive(Debug)]
+struct Shared {
+    slots: Arc<Semaphore>,
+    ids: AtomicU64,
 }
 
 async fn accept_loop(
@@ -169,10 +195,10 @@ async fn accept_loop(
     options: ConnOptions,
     tls: Option<TlsAcceptors>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     ready: mpsc::Sender<io::Result<Conn>>,
 ) {
-    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
-    let ids = AtomicU64::new(1);
+    let (slots, ids) = (&shared.slots, &shared.ids);
     let mut backoff = MIN_BACKOFF;
     loop {
         let accepted = tokio::select! {
@@ -193,7 +219,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 ?remote,
