@@ -1,0 +1,16 @@
+//! Reliability of the serving edge (issue 10), against a real server on
+//! loopback (in-process, or the real binary) with real clients: stream
+//! semantics on malformed input, impossible input, the memory budget, field
+//! caps, fair decoding, connection and HTTP/2 limits, deadlines, shutdown,
+//! TLS, auth, Unix sockets, what GetModelInfo reveals, and property tests of
+//! frame decoding.
+//!
+//! Tests that measure time or CPU take `harness::serial()`, so they never
+//! share the machine's cores with each other.
+
+mod harness;
+
+mod fields;
+mod input;
+mod memory;
+mod stream;
