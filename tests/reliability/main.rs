@@ -10,7 +10,10 @@
 
 mod harness;
 
+mod deadline;
+mod fairness;
 mod fields;
+mod http2;
 mod input;
 mod memory;
 mod stream;
