@@ -16,4 +16,5 @@ mod fields;
 mod http2;
 mod input;
 mod memory;
+mod shutdown;
 mod stream;
