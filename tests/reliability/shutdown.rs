@@ -282,8 +282,7 @@ async fn a_client_that_never_closes_or_reads_cannot_hold_the_process_past_the_gr
     let mut tcp = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
-    let mut h2 = h2_bytes_detect(&addr.to_string(), &tiny("stuck").encode_to_vec());
-    h2.extend(b"");
+    let h2 = h2_bytes_detect(&addr.to_string(), &tiny("stuck").encode_to_vec());
     tcp.write_all(&h2).await.expect("writes");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
