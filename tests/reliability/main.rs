@@ -10,6 +10,7 @@
 
 mod harness;
 
+mod auth;
 mod deadline;
 mod fairness;
 mod fields;
@@ -18,3 +19,5 @@ mod input;
 mod memory;
 mod shutdown;
 mod stream;
+mod tls;
+mod uds;
