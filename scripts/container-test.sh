@@ -249,9 +249,12 @@ print("score %.4f, threshold %.4f, %s, class %s (%s), %s us" % (v["score"], v["t
   fi
 done
 
+# The calibration is named by file name and digest, never by its path.
+digest=$(sha256sum "$work/calibration.json" | cut -c1-8)
 if info_json=$("${grpcurl[@]}" -plaintext -max-time 5 "127.0.0.1:$port" odin.v1.Detector/GetModelInfo 2>&1) &&
-   grep -q '"thresholdSource": "/etc/odin/calibration/calibration.json"' <<<"$info_json"; then
-  pass "GetModelInfo: threshold from the mounted calibration (ConfigMap content)"
+   grep -q "\"thresholdSource\": \"calibration.json (sha256 $digest" <<<"$info_json" &&
+   grep -q "\"calibrationVersion\": \"$digest\"" <<<"$info_json"; then
+  pass "GetModelInfo: threshold from the mounted calibration (ConfigMap content, sha256 $digest)"
 else
   printf '%s\n' "$info_json" | head -40
   fail "GetModelInfo does not report the mounted calibration"
