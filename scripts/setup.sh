@@ -31,8 +31,9 @@ PY
 fi
 
 if [ "${1:-}" = "--tests" ]; then
-  if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c "import grpc, grpc_reflection" 2>/dev/null; then
-    echo "setup: creating .venv-test with grpcio for the independent-client test" >&2
+  if [ ! -x .venv-test/bin/python ] || [ ! -x .venv-test/bin/grpcurl ] ||
+     ! .venv-test/bin/python -c "import grpc, grpc_reflection" 2>/dev/null; then
+    echo "setup: creating .venv-test with grpcio and grpcurl for the client tests" >&2
     "$PYTHON" -m venv .venv-test
     .venv-test/bin/python -m pip install --quiet -r scripts/requirements-test.txt
   fi

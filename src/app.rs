@@ -249,6 +249,7 @@ impl App {
             self.pipeline,
             self.window,
             draining.clone(),
+            self.network.request_timeout,
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let net = &self.network;

@@ -19,8 +19,8 @@ pub const DEFAULT_MODEL_CARD: &str = include_str!("../../models/cifar10_cnn.card
 pub const DEFAULT_MODEL_CALIBRATION: &str =
     include_str!("../../models/cifar10_cnn.calibration.json");
 
-/// The first 8 bytes of the SHA-256 of `bytes`, in hex: a short, stable
-/// version tag for a model or calibration file.
+/// The first 4 bytes (8 hex digits) of the SHA-256 of `bytes`: a short,
+/// stable version tag for a model or calibration file.
 pub fn short_digest(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref()[..4]

@@ -221,7 +221,11 @@ impl Preprocessor {
         if !matches!(channels, 1 | 3 | 4) {
             return Err(FrameError::Channels(*channels));
         }
-        let want = *width as usize * *height as usize * *channels as usize;
+        // u32 × u32 × 4 fits in u128; a size past usize is too large for
+        // any buffer, so it counts as usize::MAX (never equal to a length).
+        let want =
+            usize::try_from(u128::from(*width) * u128::from(*height) * u128::from(*channels))
+                .unwrap_or(usize::MAX);
         let length_error = || FrameError::RawLength {
             got: pixels.len(),
             want,

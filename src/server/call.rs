@@ -33,6 +33,43 @@ pub fn deadline(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
     received.checked_add(parse_timeout(value)?)
 }
 
+/// How much earlier than its deadline a unary call is answered
+/// DEADLINE_EXCEEDED: tonic's own timer fires at the deadline itself and
+/// would answer CANCELLED instead.
+const AHEAD: Duration = Duration::from_millis(2);
+
+/// When a unary call must be answered: the sooner of its `grpc-timeout`
+/// and the server's `limit` (`--request-timeout-s`), a moment early.
+pub fn unary_deadline(
+    metadata: &MetadataMap,
+    received: Instant,
+    limit: Option<Duration>,
+) -> Option<Instant> {
+    let client = deadline(metadata, received);
+    let server = limit.and_then(|l| received.checked_add(l));
+    let sooner = match (client, server) {
+        (Some(c), Some(s)) => Some(c.min(s)),
+        (c, s) => c.or(s),
+    }?;
+    Some(sooner.checked_sub(AHEAD).unwrap_or(received))
+}
+
+/// Runs `work` until `deadline`; past it the call gets DEADLINE_EXCEEDED
+/// and `work` is dropped (a frame not yet computed never will be).
+pub async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, tonic::Status> {
+    match deadline {
+        None => Ok(work.await),
+        Some(at) => tokio::time::timeout_at(at.into(), work).await.map_err(|_| {
+            tonic::Status::deadline_exceeded(
+                "the call's deadline passed before its frames were judged",
+            )
+        }),
+    }
+}
+
 fn parse_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
@@ -65,6 +102,23 @@ mod tests {
         for bad in ["", "S", "10", "10x", "123456789S", "-1S", "1.5S"] {
             assert_eq!(parse_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_unary_deadline_is_the_sooner_of_client_and_server_a_moment_early() {
+        let mut metadata = MetadataMap::new();
+        let now = Instant::now();
+        assert_eq!(unary_deadline(&metadata, now, None), None);
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            unary_deadline(&metadata, now, Some(second)),
+            Some(now + second - AHEAD)
+        );
+        metadata.insert("grpc-timeout", "100m".parse().expect("ascii"));
+        assert_eq!(
+            unary_deadline(&metadata, now, Some(second)),
+            Some(now + Duration::from_millis(100) - AHEAD)
+        );
     }
 
     #[test]

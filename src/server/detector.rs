@@ -25,21 +25,24 @@ pub struct DetectorService {
     pipeline: Arc<Pipeline>,
     window: usize,
     draining: watch::Receiver<bool>,
+    request_timeout: Option<std::time::Duration>,
 }
 
 impl DetectorService {
     /// A service judging frames with `pipeline`, allowing `window` frames
     /// in flight per stream. Open streams wind down when `draining` turns
-    /// true.
+    /// true. A unary call may take at most `request_timeout`.
     pub fn new(
         pipeline: Arc<Pipeline>,
         window: usize,
         draining: watch::Receiver<bool>,
+        request_timeout: Option<std::time::Duration>,
     ) -> DetectorService {
         DetectorService {
             pipeline,
             window,
             draining,
+            request_timeout,
         }
     }
 }
@@ -107,7 +110,8 @@ impl Detector for DetectorService {
 
     async fn detect_one(&self, request: Request<Frame>) -> Result<Response<Verdict>, Status> {
         let caller = call::caller(&request, Rpc::DetectOne, self.pipeline.telemetry());
-        let deadline = call::deadline(request.metadata(), Instant::now());
+        let deadline =
+            call::unary_deadline(request.metadata(), Instant::now(), self.request_timeout);
         let frame = FrameRequest {
             deadline,
             ..FrameRequest::from(request.into_inner())
@@ -122,7 +126,11 @@ impl Detector for DetectorService {
                 .fetch_add(1, Ordering::Relaxed);
             Status::from(e)
         })?;
-        let answer = Arc::clone(&self.pipeline).judge(admitted, &caller).await;
+        let answer = call::within(
+            deadline,
+            Arc::clone(&self.pipeline).judge(admitted, &caller),
+        )
+        .await?;
         // tonic encodes and sends after we return, so the unary respond stage
         // ends here; its sending is outside the frame span.
         Ok(Response::new(answer.judgement.into()))

@@ -68,10 +68,9 @@ pub fn server(options: &StackOptions) -> Stacked {
             .max_connection_age(age)
             .max_connection_age_grace(net.max_connection_age_grace);
     }
-    if let Some(timeout) = net.request_timeout {
-        // A unary call may not outlive this; a shorter grpc-timeout wins.
-        server = server.timeout(timeout);
-    }
+    // No `server.timeout()`: tonic would answer CANCELLED. The services
+    // enforce --request-timeout-s and grpc-timeout themselves, a moment
+    // before tonic's own timer, and answer DEADLINE_EXCEEDED (server/call.rs).
     server
         // Counts each call as open on its connection, so idle connections
         // (no open call) can be closed; outermost, so every call counts.
