@@ -99,6 +99,22 @@ fn frame(i: usize) -> Frame {
     }
 }
 
+type Client = DetectorClient<tonic::transport::Channel>;
+
+async fn client(server: &Server) -> Client {
+    DetectorClient::connect(server.addr.clone())
+        .await
+        .expect("connects")
+}
+
+async fn info(client: &mut Client) -> odin_sidecar::wire::odin_v1::ModelInfo {
+    client
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+}
+
 /// Streams `n` frames, one every `gap`, and collects every verdict; the
 /// stream must end OK.
 async fn paced_stream(addr: String, n: usize, gap: Duration) -> Vec<Verdict> {
@@ -119,14 +135,8 @@ async fn paced_stream(addr: String, n: usize, gap: Duration) -> Vec<Verdict> {
 async fn a_new_calibration_takes_over_mid_stream_and_no_frame_is_lost() {
     let dir = workdir("calibration");
     let server = serve(config(&dir)).await;
-    let mut client = DetectorClient::connect(server.addr.clone())
-        .await
-        .expect("connects");
-    let before = client
-        .get_model_info(GetModelInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let mut client = client(&server).await;
+    let before = info(&mut client).await;
     let old_threshold = before.scoring.as_ref().expect("scoring").threshold;
 
     let stream = tokio::spawn(paced_stream(
@@ -200,11 +210,7 @@ async fn a_new_calibration_takes_over_mid_stream_and_no_frame_is_lost() {
     assert!(old.iter().all(|v| v.threshold == old_threshold));
     assert!(new.iter().all(|v| v.threshold == 2.0 && !v.in_distribution));
 
-    let after = client
-        .get_model_info(GetModelInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let after = info(&mut client).await;
     let scoring = after.scoring.expect("scoring");
     assert_eq!(scoring.threshold, 2.0);
     assert_eq!(scoring.calibration_version, new_version);
@@ -216,18 +222,7 @@ async fn a_new_calibration_takes_over_mid_stream_and_no_frame_is_lost() {
 async fn a_broken_file_is_refused_and_the_old_version_serves_on() {
     let dir = workdir("broken");
     let server = serve(config(&dir)).await;
-    let mut client = DetectorClient::connect(server.addr.clone())
-        .await
-        .expect("connects");
-    let info = |c: &mut DetectorClient<_>| {
-        let mut c = c.clone();
-        async move {
-            c.get_model_info(GetModelInfoRequest {})
-                .await
-                .expect("info")
-                .into_inner()
-        }
-    };
+    let mut client = client(&server).await;
     let before = info(&mut client).await;
     std::fs::write(dir.join("cifar10_cnn.calibration.json"), b"{ not json").expect("write");
     let refused = server.reloader.reload().await;
@@ -260,14 +255,8 @@ fn restore_calibration(dir: &Path) {
 async fn a_new_model_file_is_watched_loaded_beside_the_old_and_takes_over() {
     let dir = workdir("model");
     let server = serve(config(&dir)).await;
-    let mut client = DetectorClient::connect(server.addr.clone())
-        .await
-        .expect("connects");
-    let before = client
-        .get_model_info(GetModelInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let mut client = client(&server).await;
+    let before = info(&mut client).await;
     let stream = tokio::spawn(paced_stream(
         server.addr.clone(),
         150,
@@ -283,13 +272,9 @@ async fn a_new_model_file_is_watched_loaded_beside_the_old_and_takes_over() {
     std::fs::write(&path, model.encode_to_vec()).expect("write");
     // No explicit reload: the file watcher notices within a few seconds.
     let revision = loop {
-        let info = client
-            .get_model_info(GetModelInfoRequest {})
-            .await
-            .expect("info")
-            .into_inner();
-        if info.revision != before.revision {
-            break info.revision;
+        let now = info(&mut client).await;
+        if now.revision != before.revision {
+            break now.revision;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
