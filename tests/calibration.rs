@@ -1,6 +1,7 @@
 //! `calibrate` on a small ID/OOD split, and the calibration file served back
 //! with `serve --calibration`.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -40,7 +41,7 @@ async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve(
     let dir = std::env::temp_dir().join(format!("odin-calibration-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let file = dir.join("calibration.json");
-    let model = data_dir().join("models/resnet20_cifar10.onnx");
+    let model = require!("models/resnet20_cifar10.onnx");
     let card = repo_dir().join("models/resnet20_cifar10.card.json");
     let output = Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
         .args([
@@ -55,9 +56,9 @@ async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve(
         .arg("--card")
         .arg(&card)
         .arg("--id")
-        .arg(data_dir().join("cifar10_test.u8"))
+        .arg(require!("cifar10_test.u8"))
         .arg("--ood")
-        .arg(data_dir().join("tin_crop.u8"))
+        .arg(require!("tin_crop.u8"))
         .arg("-o")
         .arg(&file)
         .output()
@@ -122,7 +123,7 @@ async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve(
     // On the tuning split, the calibrated detector keeps ≥ 95% of ID frames
     // and lets through no more OOD frames than plain max-softmax at its own
     // 95%-TPR threshold.
-    let (id, ood) = (cifar10_test(), tin_crop());
+    let (id, ood) = (require!(cifar10_test()), require!(tin_crop()));
     let calibrated_id = scores(&server, &id, None).await;
     let calibrated_ood = scores(&server, &ood, None).await;
     let kept = calibrated_id.iter().filter(|(_, keep)| *keep).count();

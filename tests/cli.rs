@@ -1,6 +1,7 @@
 //! The real `odin-sidecar` binary: `detect`, `info` and `serve` as a user
 //! runs them.
 
+#[macro_use]
 mod common;
 
 use std::process::{Command, Stdio};
@@ -12,11 +13,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_odin-sidecar");
 
-fn resnet20_args() -> Vec<String> {
-    vec![
+fn resnet20_args() -> Option<Vec<String>> {
+    Some(vec![
         "--model".into(),
-        data_dir()
-            .join("models/resnet20_cifar10.onnx")
+        require("models/resnet20_cifar10.onnx")?
             .display()
             .to_string(),
         "--card".into(),
@@ -26,15 +26,15 @@ fn resnet20_args() -> Vec<String> {
             .to_string(),
         "--device".into(),
         "cpu".into(),
-    ]
+    ])
 }
 
 #[test]
 fn detect_prints_one_json_verdict_per_frame_and_a_summary() {
     let output = Command::new(BIN)
         .args(["detect", "--json", "--limit", "20"])
-        .args(resnet20_args())
-        .arg(data_dir().join("cifar10_test.u8"))
+        .args(require!(resnet20_args()))
+        .arg(require!("cifar10_test.u8"))
         .output()
         .expect("runs");
     assert!(
@@ -71,7 +71,7 @@ fn detect_reports_a_bad_file_and_exits_non_zero() {
     std::fs::write(&bad, b"\xff\xd8\xff\xe0 this is not a JPEG").expect("write");
     let output = Command::new(BIN)
         .arg("detect")
-        .args(resnet20_args())
+        .args(require!(resnet20_args()))
         .arg(&bad)
         .output()
         .expect("runs");
@@ -127,7 +127,7 @@ fn info_describes_the_built_in_model() {
 fn a_model_without_a_card_is_refused_with_the_fix() {
     let output = Command::new(BIN)
         .args(["info", "--model"])
-        .arg(data_dir().join("models/resnet20_cifar10.onnx"))
+        .arg(require!("models/resnet20_cifar10.onnx"))
         .output()
         .expect("runs");
     assert!(!output.status.success());
@@ -168,7 +168,7 @@ async fn serve_with_no_model_serves_the_built_in_classifier() {
     let mut client = DetectorClient::connect(format!("http://{addr}"))
         .await
         .expect("connects");
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     let mut correct = 0;
     for i in 0..50 {
         let v = client

@@ -1,6 +1,7 @@
 //! End to end over real gRPC: a real tonic server on loopback, the real
 //! ResNet-20 in ONNX Runtime, real CIFAR-10 and TinyImageNet frames.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -25,11 +26,11 @@ async fn detect_all(server: &TestServer, frames: Vec<Frame>) -> Vec<Verdict> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_image_form_gets_the_models_own_answer() {
-    let config = resnet20();
+    let config = require!(resnet20());
     let server = TestServer::start(config.clone()).await;
     let mut engine = reference_engine(&config);
 
-    let (cifar, tin) = (cifar10_test(), tin_crop());
+    let (cifar, tin) = (require!(cifar10_test()), require!(tin_crop()));
     let mut frames = Vec::new();
     let mut expected = Vec::new(); // (frame_id, logits computed in-process)
     let pixels: Vec<(&str, usize, &[u8])> = (0..12)
@@ -90,7 +91,7 @@ async fn every_image_form_gets_the_models_own_answer() {
         assert_eq!(&verdict.frame_id, id, "verdicts come back in frame order");
         assert!(verdict.error.is_none(), "{id}: {:?}", verdict.error);
         assert_eq!(verdict.predicted_class as usize, argmax(logits), "{id}");
-        let want = reference_max_softmax(logits);
+        let want = reference_max_softmax(logits, 1.0);
         assert!(
             (f64::from(verdict.max_softmax) - want).abs() < 1e-5,
             "{id}: max_softmax {} vs {want}",
@@ -125,8 +126,8 @@ async fn every_image_form_gets_the_models_own_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
-    let server = TestServer::start(resnet20()).await;
-    let cifar = cifar10_test();
+    let server = TestServer::start(require!(resnet20())).await;
+    let cifar = require!(cifar10_test());
     let mut tasks = Vec::new();
     for s in 0..8 {
         let frames: Vec<Frame> = (0..100)
@@ -156,8 +157,8 @@ async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
-    let server = TestServer::start(resnet20()).await;
-    let cifar = cifar10_test();
+    let server = TestServer::start(require!(resnet20())).await;
+    let cifar = require!(cifar10_test());
     let good = |i: usize| frame(format!("good-{i}"), Image::Raw(cifar.raw(i).into()));
     let mut corrupt = encode(cifar.pixels(0), 32, 32, image::ImageFormat::Jpeg);
     corrupt.truncate(corrupt.len() / 3);
@@ -233,9 +234,9 @@ async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detect_one_and_model_info_answer_unary_calls() {
-    let server = TestServer::start(resnet20()).await;
+    let server = TestServer::start(require!(resnet20())).await;
     let mut client = server.client().await;
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     let mut f = frame("one".into(), Image::Raw(cifar.raw(7).into()));
     f.attributes.insert("k".into(), "v".into());
     let v = client.detect_one(f).await.expect("DetectOne").into_inner();
@@ -278,7 +279,7 @@ async fn health_is_serving_and_reflection_lists_the_detector() {
         ServerReflectionRequest,
     };
 
-    let server = TestServer::start(resnet20()).await;
+    let server = TestServer::start(require!(resnet20())).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "odin.v1.Detector"] {
         let status = health
@@ -316,7 +317,7 @@ async fn health_is_serving_and_reflection_lists_the_detector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
-    let mut cuda = resnet20();
+    let mut cuda = require!(resnet20());
     cuda.engine.device = Device::Cuda(0);
     match odin_sidecar::app::App::build(&cuda).await {
         Err(e) => {
@@ -334,7 +335,7 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
             .starts_with("CUDAExecutionProvider")),
     }
 
-    let mut auto = resnet20();
+    let mut auto = require!(resnet20());
     auto.engine.device = Device::Auto;
     let server = TestServer::start(auto).await;
     let provider = server.app_info.execution_provider.clone();
@@ -343,7 +344,7 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
     let v = client
         .detect_one(frame(
             "auto".into(),
-            Image::Raw(cifar10_test().raw(0).into()),
+            Image::Raw(require!(cifar10_test()).raw(0).into()),
         ))
         .await
         .expect("served")
@@ -354,8 +355,8 @@ async fn cuda_is_refused_clearly_without_a_gpu_and_auto_falls_back_to_cpu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_overrides_apply_per_frame_and_out_of_bounds_ones_are_rejected() {
     use odin_sidecar::wire::odin_v1::ScoringOverride;
-    let server = TestServer::start(resnet20()).await;
-    let cifar = cifar10_test();
+    let server = TestServer::start(require!(resnet20())).await;
+    let cifar = require!(cifar10_test());
     let with = |id: &str, over: ScoringOverride| Frame {
         frame_id: id.into(),
         image: Some(Image::Raw(cifar.raw(3).into())),
@@ -405,7 +406,7 @@ async fn scoring_overrides_apply_per_frame_and_out_of_bounds_ones_are_rejected()
     let reason = |i: usize| v[i].error.as_ref().map(|e| e.reason.clone());
     // Energy: T·logsumexp(z/T) at T = 1 of the model's own logits.
     let logits = {
-        reference_engine(&resnet20())
+        reference_engine(&require!(resnet20()))
             .logits(&normalize(cifar.pixels(3), &MEAN, &STD), 1)
             .expect("runs")
     };

@@ -2,6 +2,7 @@
 //! the protocol through reflection. `scripts/setup.sh --tests` installs it
 //! into `.venv-test/`.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -15,8 +16,8 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
         "{} is missing: run `scripts/setup.sh --tests` (make test does)",
         python.display()
     );
-    let server = TestServer::start(resnet20()).await;
-    let images = data_dir().join("cifar10_test.u8");
+    let server = TestServer::start(require!(resnet20())).await;
+    let images = require!("cifar10_test.u8");
     let output = tokio::process::Command::new(&python)
         .arg(repo_dir().join("tests/python/client.py"))
         .arg(server.addr.to_string())
@@ -40,7 +41,7 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
     }
 
     // The same frames through the Rust client give the same classes and scores.
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     let mut client = server.client().await;
     let mut answers = vec![report["detect_one"].clone()];
     answers.extend(report["detect"].as_array().expect("detect").iter().cloned());

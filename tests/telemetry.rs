@@ -3,6 +3,7 @@
 //! on loopback, the sidecar exporting to it, frames streamed with W3C trace
 //! context; and `/metrics` scraped over HTTP.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -172,13 +173,13 @@ const FRAME_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batch_links() {
     let (receiver_addr, received) = receiver().await;
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.method = Method::Odin;
     config.temperature = 1000.0;
     config.epsilon = 0.0014;
     config.otlp = Some(otlp(format!("http://{receiver_addr}")));
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
+    let set = require!(cifar10_test());
     // Frames 0..8 inherit the call's traceparent; 8..16 carry their own.
     let frames: Vec<Frame> = (0..16)
         .map(|i| {
@@ -382,8 +383,8 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_frame_by_verdict() {
-    let server = TestServer::start(resnet20()).await;
-    let (cifar, tin) = (cifar10_test(), tin_crop());
+    let server = TestServer::start(require!(resnet20())).await;
+    let (cifar, tin) = (require!(cifar10_test()), require!(tin_crop()));
     let mut frames = Vec::new();
     for i in 0..20 {
         frames.push(raw_frame(format!("c{i}"), &cifar, i));
@@ -450,10 +451,10 @@ async fn with_the_receiver_down_serving_goes_on_and_dropped_spans_are_counted() 
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let mut config: ServeConfig = resnet20();
+    let mut config: ServeConfig = require!(resnet20());
     config.otlp = Some(otlp(format!("http://{closed}")));
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
+    let set = require!(cifar10_test());
     let frames: Vec<Frame> = (0..64)
         .map(|i| raw_frame(format!("f{i}"), &set, i))
         .collect();
@@ -481,13 +482,13 @@ async fn with_the_receiver_down_serving_goes_on_and_dropped_spans_are_counted() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
     let (addr, _, pushed) = receivers().await;
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.otlp = Some(OtlpConfig {
         metrics_interval: Some(Duration::from_millis(100)),
         ..otlp(format!("http://{addr}"))
     });
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
+    let set = require!(cifar10_test());
     let frames: Vec<Frame> = (0..12)
         .map(|i| raw_frame(format!("f{i}"), &set, i))
         .collect();
@@ -605,7 +606,7 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     let mut client = DetectorClient::connect(format!("http://{grpc}"))
         .await
         .expect("connects");
-    let set = cifar10_test();
+    let set = require!(cifar10_test());
     for (i, flags) in ["01", "00"].iter().enumerate() {
         let mut request = tonic::Request::new(raw_frame(format!("u{i}"), &set, i));
         request.metadata_mut().insert(
@@ -688,7 +689,7 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
     let (addr, received) = receiver().await;
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.otlp = Some(OtlpConfig {
         // Room for 5 spans, and no scheduled export during the run.
         max_queue: Some(5),
@@ -696,7 +697,7 @@ async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
         ..otlp(format!("http://{addr}"))
     });
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
+    let set = require!(cifar10_test());
     let frames: Vec<Frame> = (0..8)
         .map(|i| raw_frame(format!("f{i}"), &set, i))
         .collect();

@@ -1,6 +1,7 @@
 //! Batching across streams, flow control, and the load generator, against a
 //! real server on loopback.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -15,31 +16,31 @@ use odin_sidecar::wire::odin_v1::{frame::Image, Frame};
 use tokio_stream::StreamExt;
 
 /// ResNet-20 with a card that resizes, so frames may come in any size.
-fn resizing_resnet20(dir: &std::path::Path) -> odin_sidecar::config::ServeConfig {
+fn resizing_resnet20(dir: &std::path::Path) -> Option<odin_sidecar::config::ServeConfig> {
     let mut card =
         ModelCard::load(&repo_dir().join("models/resnet20_cifar10.card.json")).expect("card");
     card.input.resize = Resize::Bilinear;
     let path = dir.join("resnet20.card.json");
     std::fs::write(&path, serde_json::to_string(&card).expect("json")).expect("write card");
-    let mut config = resnet20();
+    let mut config = resnet20()?;
     config.model = ModelSource::File {
-        model: data_dir().join("models/resnet20_cifar10.onnx"),
+        model: require("models/resnet20_cifar10.onnx")?,
         card: Some(path),
     };
-    config
+    Some(config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
     let dir = std::env::temp_dir().join(format!("odin-batching-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
-    let mut config = resizing_resnet20(&dir);
+    let mut config = require!(resizing_resnet20(&dir));
     config.batch.max_batch = 16;
     config.batch.max_queue_delay = Duration::from_millis(2);
     let server = TestServer::start(config.clone()).await;
 
     // 32 streams × 12 frames: real CIFAR-10 pixels, PNG-encoded at random sizes.
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     let mut rng = SplitMix64(11);
     let streams: Vec<Vec<Frame>> = (0..32)
         .map(|s| {
@@ -105,7 +106,7 @@ async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
             assert!(v.error.is_none(), "{:?}", v.error);
             let logits = &expected[&v.frame_id];
             assert_eq!(v.predicted_class as usize, argmax(logits), "{}", v.frame_id);
-            let want = reference_max_softmax(logits);
+            let want = reference_max_softmax(logits, 1.0);
             assert!(
                 (f64::from(v.max_softmax) - want).abs() < 1e-5,
                 "{}: {} vs {want}",
@@ -121,12 +122,12 @@ async fn batching_across_32_streams_keeps_order_and_equals_one_at_a_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_faster_than_the_engine_is_held_back_and_loses_nothing() {
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.stream_window = 16;
     config.batch.queue_capacity = 32;
     config.batch.max_batch = 4;
     let server = TestServer::start(config).await;
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     const FRAMES: usize = 1500;
     let frames = (0..FRAMES).map(move |i| Frame {
         frame_id: i.to_string(),
@@ -162,8 +163,8 @@ async fn a_producer_faster_than_the_engine_is_held_back_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_reports_consistent_counts_against_a_real_server() {
-    let server = TestServer::start(resnet20()).await;
-    let cifar = cifar10_test();
+    let server = TestServer::start(require!(resnet20())).await;
+    let cifar = require!(cifar10_test());
     let mut pool: Vec<Frame> = (0..50)
         .map(|i| Frame {
             image: Some(Image::Raw(cifar.raw(i).into())),
@@ -207,11 +208,11 @@ async fn loadgen_reports_consistent_counts_against_a_real_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.max_unary_in_flight = 2;
     config.workers = 1;
     let server = TestServer::start(config).await;
-    let cifar = cifar10_test();
+    let cifar = require!(cifar10_test());
     // 32 calls at once on one connection: at most 2 are admitted at a time.
     let client = server.client().await;
     let start = Arc::new(tokio::sync::Barrier::new(32));

@@ -1,8 +1,5 @@
-//! Shared by the gradient-pass tests and benchmark: running ONNX models
-//! with ONNX Runtime, a seeded PRNG, and the ResNet data.
-#![allow(dead_code)]
-
-use std::path::PathBuf;
+//! ONNX Runtime for the gradient-pass tests and benchmark: sessions, runs
+//! in float32 or float64, a seeded PRNG, little-endian f32 files.
 
 use ort::session::Session;
 use ort::value::Tensor;
@@ -115,30 +112,6 @@ impl Rng {
     pub fn vec(&mut self, n: usize, a: f64) -> Vec<f64> {
         (0..n).map(|_| self.range(-a, a)).collect()
     }
-}
-
-/// `../shared/data` (or `$ODIN_DATA`).
-pub fn data_dir() -> PathBuf {
-    odin_sidecar::dataset::shared_data_dir()
-}
-
-pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// NHWC u8 images → normalised NCHW f32, as the reference computed it.
-pub fn normalize(pixels: &[u8], n: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * 3 * h * w];
-    for i in 0..n {
-        for y in 0..h {
-            for x in 0..w {
-                for c in 0..3 {
-                    let v = pixels[((i * h + y) * w + x) * 3 + c] as f32 / 255.0;
-                    out[((i * 3 + c) * h + y) * w + x] = (v - MEAN[c]) / STD[c];
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Little-endian f32 file.
