@@ -121,3 +121,43 @@ pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// The built-in model with a `Sin` node on its input: a classifier ONNX
+/// Runtime runs as before, but one the gradient pass cannot differentiate
+/// (`Sin` has no rule), so it is served without ODIN.
+pub fn builtin_without_gradient() -> Vec<u8> {
+    use odin_sidecar::onnx::{ModelProto, NodeProto};
+    use prost::Message;
+    let mut model =
+        ModelProto::decode(odin_sidecar::model::DEFAULT_MODEL_ONNX).expect("built-in model");
+    let graph = model.graph.as_mut().expect("graph");
+    let weights: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    let x = graph
+        .input
+        .iter()
+        .map(|i| i.name().to_string())
+        .find(|name| !weights.contains(name))
+        .expect("an image input");
+    for node in &mut graph.node {
+        for input in &mut node.input {
+            if *input == x {
+                *input = "x_sin".into();
+            }
+        }
+    }
+    graph.node.insert(
+        0,
+        NodeProto {
+            op_type: Some("Sin".into()),
+            name: Some("no_rule_sin".into()),
+            input: vec![x],
+            output: vec!["x_sin".into()],
+            ..Default::default()
+        },
+    );
+    model.encode_to_vec()
+}

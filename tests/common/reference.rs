@@ -76,3 +76,49 @@ pub fn reference_logits(engine: &mut Engine, hwc: &[u8], mean: &[f32], std: &[f3
         .logits(&normalize(hwc, mean, std), 1)
         .expect("reference engine runs")
 }
+
+/// The reference engine with its model's card: logits of images
+/// normalized by the test's own code, one image per run.
+pub struct Reference {
+    pub engine: Engine,
+    pub card: odin_sidecar::model::ModelCard,
+}
+
+impl Reference {
+    /// The reference for `config`'s model.
+    pub fn new(config: &ServeConfig) -> Reference {
+        let card = Model::load(&config.model).expect("model loads").card;
+        Reference {
+            engine: reference_engine(config),
+            card,
+        }
+    }
+
+    /// Logits of one HWC u8 image of the model's size.
+    pub fn logits(&mut self, hwc: &[u8]) -> Vec<f32> {
+        let input = &self.card.input;
+        let (mean, std) = (input.mean.clone(), input.std.clone());
+        reference_logits(&mut self.engine, hwc, &mean, &std)
+    }
+
+    /// Logits of one already normalized CHW tensor.
+    pub fn tensor_logits(&mut self, chw: &[f32]) -> Vec<f32> {
+        self.engine.logits(chw, 1).expect("reference engine runs")
+    }
+
+    /// Asserts that `verdict` is the model's answer for `logits`: its class
+    /// and label, and its max-softmax at T = 1 (to 1e-5).
+    pub fn assert_answer(&self, verdict: &odin_sidecar::wire::odin_v1::Verdict, logits: &[f32]) {
+        let id = &verdict.frame_id;
+        assert!(verdict.error.is_none(), "{id}: {:?}", verdict.error);
+        let class = argmax(logits);
+        assert_eq!(verdict.predicted_class as usize, class, "{id}");
+        assert_eq!(verdict.label, self.card.labels[class], "{id}");
+        let want = reference_max_softmax(logits, 1.0);
+        assert!(
+            (f64::from(verdict.max_softmax) - want).abs() < 1e-5,
+            "{id}: max_softmax {} vs {want}",
+            verdict.max_softmax
+        );
+    }
+}
