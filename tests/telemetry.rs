@@ -557,55 +557,36 @@ async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let (receiver_addr, received) = receiver().await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .env("ODIN_OTLP", "1")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{receiver_addr}"),
-        )
-        .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
-        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
-        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (mut grpc, mut metrics) = (None, None);
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.expect("reads") {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::to_string);
-            if line.contains("Prometheus") {
-                metrics = addr;
-            } else if line.contains("serving odin.v1.Detector") {
-                grpc = addr;
-                break;
-            }
-        }
-    })
-    .await
-    .expect("serves within a minute");
-    let (grpc, metrics) = (
-        grpc.expect("gRPC address"),
-        metrics.expect("metrics address"),
-    );
+    let serve = ServeProcess::start(
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        |command| {
+            command
+                .env("ODIN_OTLP", "1")
+                .env(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://{receiver_addr}"),
+                )
+                .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
+                .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+                .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+                .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        },
+    )
+    .await;
+    let metrics = serve.metrics_addr.clone().expect("metrics address");
 
     // The sampler is parent-based: a sampled caller's frame is traced, an
     // unsampled one (flags 00) is not.
-    let mut client = DetectorClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connects");
+    let mut client = DetectorClient::new(serve.channel().await);
     let set = require!(cifar10_test());
     for (i, flags) in ["01", "00"].iter().enumerate() {
         let mut request = tonic::Request::new(raw_frame(format!("u{i}"), &set, i));
@@ -683,7 +664,8 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     );
     assert!(get("/").await.starts_with("HTTP/1.1 404"));
 
-    terminate(child).await;
+    let channel = serve.channel().await;
+    terminate(serve, channel).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

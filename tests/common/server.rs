@@ -223,17 +223,160 @@ pub async fn detect_all(mut client: DetectorClient<Channel>, frames: Vec<Frame>)
     verdicts
 }
 
-/// Stops a `serve` process the way an orchestrator does (SIGTERM) and
-/// asserts that it drains and exits cleanly within 30 s.
-pub async fn terminate(mut child: tokio::process::Child) {
+/// The `odin-sidecar` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_odin-sidecar");
+
+/// A `serve` process of the real binary, started and listening.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    /// The gRPC address it logged (`addr=`), unless it serves a Unix socket.
+    pub addr: Option<String>,
+    /// The HTTP address it logged, with `--metrics-addr`.
+    pub metrics_addr: Option<String>,
+    /// Its log lines on stderr, as they come.
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServeProcess {
+    /// Runs `odin-sidecar serve ARGS` (with `RUST_LOG=info` and whatever
+    /// `configure` adds) and waits up to a minute until it logs that it
+    /// serves. Killed on drop.
+    pub async fn start(
+        args: &[&str],
+        configure: impl FnOnce(&mut tokio::process::Command),
+    ) -> ServeProcess {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        configure(&mut command);
+        let mut child = command.spawn().expect("starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut addr, mut metrics_addr) = (None, None);
+        let field = |line: &str, key: &str| {
+            line.split(key)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        };
+        let serving = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.expect("reads stderr") {
+                log.lock().expect("log").push(line.clone());
+                if line.contains("Prometheus") {
+                    metrics_addr = field(&line, "addr=");
+                } else if line.contains("serving odin.v1.Detector") {
+                    addr = field(&line, "addr=");
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("serves within a minute");
+        assert!(
+            serving,
+            "serve exited before serving:\n{}",
+            log.lock().expect("log").join("\n")
+        );
+        // Keep reading, so the child never blocks on a full pipe.
+        let rest = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                rest.lock().expect("log").push(line);
+            }
+        });
+        ServeProcess {
+            child,
+            addr,
+            metrics_addr,
+            log,
+        }
+    }
+
+    /// A channel to the gRPC address it logged.
+    pub async fn channel(&self) -> Channel {
+        let addr = self.addr.as_ref().expect("serves TCP");
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connects")
+    }
+}
+
+/// A channel to a server on the Unix domain socket at `path`.
+pub async fn unix_channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("connects over the Unix socket")
+}
+
+/// Stops a `serve` process the way an orchestrator does (SIGTERM) while a
+/// stream on `channel` has frames in flight (32 × 32 RGB raw frames, which
+/// every model here takes), and asserts that every frame sent still gets
+/// its verdict, in order and without error, and that the process then
+/// exits cleanly within 30 s.
+pub async fn terminate(serve: ServeProcess, channel: Channel) {
+    const FRAMES: usize = 256;
+    let ServeProcess { mut child, log, .. } = serve;
+    let frames: Vec<Frame> = (0..FRAMES)
+        .map(|i| super::frames::raw_frame(i.to_string(), i as u64))
+        .collect();
+    let mut verdicts = DetectorClient::new(channel)
+        .detect(tokio_stream::iter(frames))
+        .await
+        .expect("Detect starts")
+        .into_inner();
+    let first = verdicts
+        .next()
+        .await
+        .expect("a first verdict")
+        .expect("a verdict, not an error");
+    assert_eq!(first.frame_id, "0");
+
     let pid = child.id().expect("still running");
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .expect("kill");
+    let mut answered = 1;
+    while let Some(verdict) = verdicts.next().await {
+        let verdict = verdict.unwrap_or_else(|status| {
+            panic!("the stream failed during the drain after {answered} verdicts: {status:?}")
+        });
+        assert_eq!(verdict.frame_id, answered.to_string(), "in order");
+        assert!(
+            verdict.error.is_none(),
+            "{}: {:?}",
+            verdict.frame_id,
+            verdict.error
+        );
+        answered += 1;
+    }
+    assert_eq!(
+        answered, FRAMES,
+        "every frame sent before SIGTERM got its verdict"
+    );
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("exits within 30 s")
         .expect("exit status");
-    assert!(status.success(), "{status:?}");
+    assert!(
+        status.success(),
+        "{status:?}\n{}",
+        log.lock().expect("log").join("\n")
+    );
 }
