@@ -81,3 +81,6 @@ pub async fn drive<S, E, T>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
