@@ -9,11 +9,17 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if env::var_os("PROTOC").is_none() {
         // SAFETY: build scripts are single-threaded; nothing reads the
-        // environment concurrently.
-        unsafe { env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+        // environment concurrently. tonic-prost-build only reads PROTOC
+        // from the environment, so this is the one place that sets one.
+        #[allow(clippy::disallowed_methods)]
+        unsafe {
+            env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?)
+        };
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // A malformed message is the client's error (see src/wire/codec.rs).
+        .codec_path("crate::wire::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("odin_v1_descriptor.bin"))
         .compile_protos(&["proto/odin/v1/detector.proto"], &["proto"])?;
     // The official ONNX model format, for the gradient pass: messages only.
