@@ -18,8 +18,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
-        // A malformed message is the client's error (see src/wire/codec.rs).
-        .codec_path("crate::wire::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("odin_v1_descriptor.bin"))
         .compile_protos(&["proto/odin/v1/detector.proto"], &["proto"])?;
     // The official ONNX model format, for the gradient pass: messages only.
