@@ -287,7 +287,19 @@ async fn a_cancelled_streams_pending_frames_never_reach_the_engine() {
     config.stream_window = SENT;
     let server = TestServer::start(config).await;
     let (tx, rx) = tokio::sync::mpsc::channel(SENT);
-    for i in 0..SENT {
+    // The first frame takes long to decode (a large noisy PNG): the frames
+    // behind it are computed meanwhile, and none can be answered before it.
+    let side = 1600;
+    let large = encode(
+        &synthetic(99, side, side, 3),
+        side,
+        side,
+        image::ImageFormat::Png,
+    );
+    tx.send(frame("0", Image::Encoded(large)))
+        .await
+        .expect("queued");
+    for i in 1..SENT {
         tx.send(raw_frame(i.to_string(), i as u64 % 50))
             .await
             .expect("queued");

@@ -63,6 +63,9 @@ pub async fn drive<S, E, T>(
                 // Sent: the frame's respond stage and span end here.
                 drop(finish);
             }
+            // The client left while the next answer is not ready: stop now,
+            // so the frames behind a slow one are not computed for nobody.
+            _ = answers.closed(), if reading || !in_flight.is_empty() => return,
             frame = frames.next(), if reading && in_flight.len() < window.max(1) => match frame {
                 Some(Ok(frame)) => {
                     let pipeline = Arc::clone(&pipeline);

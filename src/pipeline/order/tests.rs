@@ -163,3 +163,66 @@ async fn a_failed_inbound_stream_is_read_no_further_but_its_frames_are_answered(
     driver.await.unwrap();
     assert_eq!(ids, ["0", "1", "2", "3", "4"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_receiver_leaves_pending_frames_are_dropped_uncomputed() {
+    const SENT: usize = 256;
+    // ODIN, one frame per run: slow enough that most frames are pending.
+    let mut odin = scoring(true);
+    odin.scoring = crate::score::Scoring {
+        method: crate::score::Method::Odin,
+        temperature: 1000.0,
+        epsilon: 0.0014,
+    };
+    let mut batch = batching();
+    batch.max_batch = 1;
+    batch.queue_capacity = SENT;
+    let p = pipeline(odin, batch);
+    // The first frame takes long to decode: the frames behind it are
+    // computed meanwhile, and none of them can be answered before it.
+    let mut inbound = frames(SENT);
+    if let Ok(first) = &mut inbound[0] {
+        first.image = Some(ImageInput::Encoded(large_png(2048, 0)));
+    }
+    // Room for one answer, which nobody reads.
+    let (answers, received) = mpsc::channel(1);
+    let driver = tokio::spawn(drive(
+        Arc::clone(&p),
+        tokio_stream::iter(inbound),
+        answers,
+        |judgement| judgement,
+        options(SENT),
+    ));
+    for _ in 0..3000 {
+        if p.in_flight() >= SENT * 3 / 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let computed = || p.telemetry().metrics().batch_size.count() as usize;
+    let before = computed();
+    assert!(
+        p.in_flight() >= SENT * 3 / 4 && before <= SENT / 2,
+        "{} frames pending, {before} computed",
+        p.in_flight()
+    );
+    drop(received);
+    tokio::time::timeout(Duration::from_secs(30), driver)
+        .await
+        .expect("drive returns once the receiver is gone")
+        .unwrap();
+    for _ in 0..1000 {
+        if p.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(p.in_flight(), 0, "every pending frame was dropped");
+    // Let runs already handed to the worker finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = computed() - before;
+    assert!(
+        after <= 8,
+        "{after} frames computed after the receiver left ({before} before)"
+    );
+}
