@@ -119,3 +119,6 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
