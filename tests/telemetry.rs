@@ -219,7 +219,7 @@ impl Traced {
             .await
             .expect("flush");
         let mut spans = Vec::new();
-        for _ in 0..200 {
+        for _ in 0..600 {
             spans = received.0.lock().await.clone();
             let frames = spans.iter().filter(|(_, s)| s.name == "frame").count();
             let respond = spans.iter().filter(|(_, s)| s.name == "respond").count();
@@ -670,7 +670,7 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
         assert!(verdict.error.is_none());
     }
     let mut spans = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..600 {
         spans = received.0.lock().await.clone();
         if spans.iter().any(|(_, s)| s.name == "respond") {
             break;
