@@ -8,8 +8,8 @@
 //! ResNet-20 from the shared data; `ODIN_BENCH_SPIN=0` turns off ONNX
 //! Runtime's spinning worker threads).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -61,18 +61,18 @@ fn main() {
         .collect();
     let path = std::env::var("ODIN_BENCH_MODEL")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| support::data_dir().join("models/resnet20_cifar10.onnx"));
+        .unwrap_or_else(|_| common::data_dir().join("models/resnet20_cifar10.onnx"));
     let plain = std::fs::read(&path).expect("model file");
     let g = derive(
         &plain,
         &GradOptions {
-            std: support::STD.to_vec(),
+            std: common::STD.to_vec(),
             raw_gradient: false,
         },
     )
     .expect("derive");
     let pixels =
-        std::fs::read(support::data_dir().join("cifar10_test.u8")).expect("cifar10_test.u8");
+        std::fs::read(common::data_dir().join("cifar10_test.u8")).expect("cifar10_test.u8");
     for threads in thread_counts {
         table(&plain, &g.bytes, &pixels, threads, &path);
     }
@@ -91,7 +91,8 @@ fn table(plain: &[u8], g: &[u8], pixels: &[u8], threads: usize, path: &std::path
     println!("| batch | forward (ms) | G (ms) | G / forward | runs |");
     println!("|---:|---:|---:|---:|---:|");
     for batch in [1usize, 8, 32, 128] {
-        let x = support::normalize(&pixels[..batch * 3072], batch, 32, 32);
+        let x =
+            common::normalize_batch(&pixels[..batch * 3072], batch, &common::MEAN, &common::STD);
         for _ in 0..3 {
             time_once(&mut fs, &x, batch, false);
             time_once(&mut gs, &x, batch, true);

@@ -417,6 +417,59 @@ mod tests {
         ]
     }
 
+    /// Does not compile once `FrameError` gains a variant, until it is
+    /// named here: the reminder to add it to [`one_of_each`], which the
+    /// test below checks against `Reason::ALL`.
+    #[allow(dead_code)]
+    fn named_in_one_of_each(error: &FrameError) {
+        match error {
+            FrameError::Empty
+            | FrameError::Decode { .. }
+            | FrameError::SizeMismatch { .. }
+            | FrameError::TooLarge { .. }
+            | FrameError::RawLength { .. }
+            | FrameError::Channels(_)
+            | FrameError::TensorShape { .. }
+            | FrameError::TensorLength { .. }
+            | FrameError::NonFinite { .. }
+            | FrameError::ValueOutOfRange { .. }
+            | FrameError::FieldTooLarge { .. }
+            | FrameError::DeadlineExceeded
+            | FrameError::UnknownMethod(_)
+            | FrameError::OverrideOutOfBounds { .. }
+            | FrameError::PerturbationUnavailable(_)
+            | FrameError::Engine(_)
+            | FrameError::Internal(_)
+            | FrameError::Unavailable => {}
+        }
+    }
+
+    /// Does not compile once `Reason` gains a variant, until it is named
+    /// here: the reminder to add it to `Reason::ALL`.
+    #[allow(dead_code)]
+    fn named_in_all(reason: Reason) {
+        match reason {
+            Reason::EmptyFrame
+            | Reason::DecodeFailed
+            | Reason::SizeMismatch
+            | Reason::ImageTooLarge
+            | Reason::RawLengthMismatch
+            | Reason::UnsupportedChannels
+            | Reason::TensorShapeMismatch
+            | Reason::TensorLengthMismatch
+            | Reason::NonFiniteValue
+            | Reason::ValueOutOfRange
+            | Reason::FieldTooLarge
+            | Reason::DeadlineExceeded
+            | Reason::UnknownMethod
+            | Reason::OverrideOutOfBounds
+            | Reason::PerturbationUnavailable
+            | Reason::EngineFailed
+            | Reason::Internal
+            | Reason::Unavailable => {}
+        }
+    }
+
     #[test]
     fn bad_input_is_invalid_argument_and_engine_failure_is_internal() {
         assert_eq!(FrameError::Empty.code(), Code::InvalidArgument);

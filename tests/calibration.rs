@@ -1,6 +1,8 @@
-//! `calibrate` on a small ID/OOD split, and the calibration file served back
-//! with `serve --calibration`.
+//! `calibrate` on a small ID/OOD split of the real data (ResNet-20,
+//! CIFAR-10 against TinyImageNet crops), the calibration file served back
+//! with `serve --calibration`, and the detector checked on held-out images.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -8,18 +10,33 @@ use std::process::Command;
 use clap::Parser;
 use common::*;
 use odin_sidecar::calib::calibrate::{epsilons, Calibration, TEMPERATURES};
-use odin_sidecar::calib::metrics;
 use odin_sidecar::cli::{Cli, Command as Sub};
 use odin_sidecar::wire::odin_v1::{frame::Image, Frame, GetModelInfoRequest, ScoringOverride};
 
+/// Images per set the calibration is fit on (the first ones).
 const TUNE: usize = 100;
+/// Images per set after those, to check it on.
+const HELD_OUT: usize = 300;
 
+/// FPR at 95% TPR, computed here: the threshold is the score that keeps
+/// 95% of the ID scores (rounded to keep at least that many), the FPR the
+/// share of OOD scores at or above it.
+fn fpr_at_95_tpr(id: &[(f32, bool)], ood: &[(f32, bool)]) -> f64 {
+    let mut scores: Vec<f32> = id.iter().map(|(s, _)| *s).collect();
+    scores.sort_by(|a, b| b.total_cmp(a));
+    let keep = (0.95 * scores.len() as f64).ceil() as usize;
+    let threshold = scores[keep - 1];
+    ood.iter().filter(|(s, _)| *s >= threshold).count() as f64 / ood.len() as f64
+}
+
+/// Scores and verdicts of images `range` of `set`, served with `over`.
 async fn scores(
     server: &TestServer,
     set: &odin_sidecar::dataset::RawSet,
+    range: std::ops::Range<usize>,
     over: Option<ScoringOverride>,
 ) -> Vec<(f32, bool)> {
-    let frames: Vec<Frame> = (0..TUNE)
+    let frames: Vec<Frame> = range
         .map(|i| Frame {
             frame_id: i.to_string(),
             image: Some(Image::Raw(set.raw(i).into())),
@@ -36,11 +53,11 @@ async fn scores(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve() {
+async fn calibration_round_trips_into_serve_and_beats_msp_on_held_out_images() {
     let dir = std::env::temp_dir().join(format!("odin-calibration-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let file = dir.join("calibration.json");
-    let model = data_dir().join("models/resnet20_cifar10.onnx");
+    let model = require!("models/resnet20_cifar10.onnx");
     let card = repo_dir().join("models/resnet20_cifar10.card.json");
     let output = Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
         .args([
@@ -55,9 +72,9 @@ async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve(
         .arg("--card")
         .arg(&card)
         .arg("--id")
-        .arg(data_dir().join("cifar10_test.u8"))
+        .arg(require!("cifar10_test.u8"))
         .arg("--ood")
-        .arg(data_dir().join("tin_crop.u8"))
+        .arg(require!("tin_crop.u8"))
         .arg("-o")
         .arg(&file)
         .output()
@@ -129,37 +146,54 @@ async fn calibration_beats_the_baseline_on_its_split_and_round_trips_into_serve(
         scoring.threshold_source
     );
 
-    // On the tuning split, the calibrated detector keeps ≥ 95% of ID frames
-    // and lets through no more OOD frames than plain max-softmax at its own
-    // 95%-TPR threshold.
-    let (id, ood) = (cifar10_test(), tin_crop());
-    let calibrated_id = scores(&server, &id, None).await;
-    let calibrated_ood = scores(&server, &ood, None).await;
-    let kept = calibrated_id.iter().filter(|(_, keep)| *keep).count();
-    assert!(kept as f64 >= 0.95 * TUNE as f64, "kept {kept} of {TUNE}");
+    // What grid search chose is not the baseline it contains (T = 1, ε = 0).
+    assert!(
+        calibration.temperature > 1.0 && calibration.epsilon > 0.0,
+        "calibration chose T = {}, ε = {}",
+        calibration.temperature,
+        calibration.epsilon
+    );
+
+    let (id, ood) = (require!(cifar10_test()), require!(tin_crop()));
     let msp = Some(ScoringOverride {
         method: "msp".into(),
         temperature: Some(1.0),
         ..Default::default()
     });
-    let baseline_id = scores(&server, &id, msp.clone()).await;
-    let baseline_ood = scores(&server, &ood, msp).await;
-    let fpr = |id: &[(f32, bool)], ood: &[(f32, bool)]| {
-        let s = |v: &[(f32, bool)]| v.iter().map(|(s, _)| *s).collect::<Vec<f32>>();
-        metrics::evaluate(&s(id), &s(ood), 0.95).fpr_at_tpr
-    };
-    let (calibrated, baseline) = (
-        fpr(&calibrated_id, &calibrated_ood),
-        fpr(&baseline_id, &baseline_ood),
-    );
-    assert!(
-        calibrated <= baseline,
-        "calibrated FPR95 {calibrated} > baseline {baseline}"
-    );
+    // On its tuning split: the served threshold keeps ≥ 95% of ID frames,
+    // and the FPR the file reports is the one served.
+    let tuned_id = scores(&server, &id, 0..TUNE, None).await;
+    let tuned_ood = scores(&server, &ood, 0..TUNE, None).await;
+    let kept = tuned_id.iter().filter(|(_, keep)| *keep).count();
+    assert!(kept as f64 >= 0.95 * TUNE as f64, "kept {kept} of {TUNE}");
     let reported = calibration.metrics.expect("metrics").fpr_at_tpr;
+    let served = fpr_at_95_tpr(&tuned_id, &tuned_ood);
     assert!(
-        (reported - calibrated).abs() < 0.02,
-        "file says {reported}, served {calibrated}"
+        (reported - served).abs() < 0.02,
+        "file says {reported}, served {served}"
+    );
+
+    // On images it was not fit on, it still keeps most ID frames (a
+    // threshold set on 100 images lands a few points off its 95%: 88% here)
+    // and lets through far fewer OOD frames than plain max-softmax does at
+    // its own 95%-TPR threshold.
+    let held_out = TUNE..TUNE + HELD_OUT;
+    let calibrated_id = scores(&server, &id, held_out.clone(), None).await;
+    let calibrated_ood = scores(&server, &ood, held_out.clone(), None).await;
+    let kept = calibrated_id.iter().filter(|(_, keep)| *keep).count();
+    assert!(
+        kept as f64 >= 0.85 * HELD_OUT as f64,
+        "kept {kept} of {HELD_OUT} held-out ID frames"
+    );
+    let baseline_id = scores(&server, &id, held_out.clone(), msp.clone()).await;
+    let baseline_ood = scores(&server, &ood, held_out, msp).await;
+    let (calibrated, baseline) = (
+        fpr_at_95_tpr(&calibrated_id, &calibrated_ood),
+        fpr_at_95_tpr(&baseline_id, &baseline_ood),
+    );
+    assert!(
+        calibrated + 0.20 <= baseline,
+        "held out: calibrated FPR95 {calibrated:.3}, MSP {baseline:.3}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,24 +2,25 @@
 //! reference (`shared/data/reference/resnet20/*`), and ResNet-56 against
 //! central finite differences.
 
-mod support;
+#[macro_use]
+mod common;
 
+use common::*;
 use odin_sidecar::grad::{derive, GradOptions};
-use support::*;
 
 const T: f32 = 1000.0;
 const EPS: f32 = 0.0014;
 const SETS: [&str; 5] = ["cifar10", "tin_crop", "tin_resize", "uniform", "gaussian"];
 
-fn derived(model: &str) -> (Vec<u8>, Vec<u8>) {
-    let plain = std::fs::read(data_dir().join("models").join(model)).expect("model file");
+fn derived(model: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let plain = std::fs::read(require(&format!("models/{model}"))?).expect("model file");
     let opts = GradOptions {
         std: STD.to_vec(),
         raw_gradient: true,
     };
     let d = derive(&plain, &opts).expect("derive");
     eprintln!("{model}:\n{}", d.summary);
-    (plain, d.bytes)
+    Some((plain, d.bytes))
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -37,7 +38,7 @@ fn max_softmax(z: &[f64], t: f64) -> f64 {
 
 #[test]
 fn resnet20_matches_the_pytorch_reference() {
-    let (plain, g_bytes) = derived("resnet20_cifar10.onnx");
+    let (plain, g_bytes) = require!(derived("resnet20_cifar10.onnx"));
     let mut g = session(&g_bytes);
     let mut f = session(&plain);
     let (i_logits, i_pert, i_grad) = (
@@ -53,7 +54,7 @@ fn resnet20_matches_the_pytorch_reference() {
         let dir = data_dir().join("reference/resnet20").join(set);
         let pixels = std::fs::read(dir.join("images.u8")).unwrap();
         let n = pixels.len() / (32 * 32 * 3);
-        let x = normalize(&pixels, n, 32, 32);
+        let x = normalize_batch(&pixels, n, &MEAN, &STD);
         let ref_grad = read_f32(&dir.join("grad_T1000.f32"));
         let ref_score = read_f32(&dir.join("odin_T1000_eps0.0014.f32"));
         let ref_logits = read_f32(&dir.join("logits.f32"));
@@ -173,13 +174,13 @@ fn resnet20_matches_the_pytorch_reference() {
 
 #[test]
 fn resnet56_gradient_matches_finite_differences() {
-    let (plain, g_bytes) = derived("resnet56_cifar10.onnx");
+    let (plain, g_bytes) = require!(derived("resnet56_cifar10.onnx"));
     let mut g = session(&g_bytes);
     let mut f = session(&plain);
     let dir = data_dir().join("reference/resnet20/cifar10");
     let pixels = std::fs::read(dir.join("images.u8")).unwrap();
     let per = 3 * 32 * 32;
-    let x = normalize(&pixels[..2 * per], 2, 32, 32);
+    let x = normalize_batch(&pixels[..2 * per], 2, &MEAN, &STD);
     // T = 10 keeps softmax(z/T) away from saturation, so the loss and its
     // gradient are large next to float32 rounding of the logits (at T = 1
     // these confident images have |g| ~ 1e-5, the size of the differences'

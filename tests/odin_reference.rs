@@ -6,6 +6,7 @@
 //! moves it by only 1e-4 to 8e-4, so only a tolerance as tight as 2e-6
 //! tells a right perturbation from none.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -110,7 +111,7 @@ fn agreement(got: &[f32], want: &[f32], tolerance: impl Fn(f32) -> f32) -> (f64,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odin_msp_and_energy_scores_match_the_pytorch_reference() {
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.method = Method::Odin;
     config.temperature = 1000.0;
     config.epsilon = 0.0014;
@@ -157,7 +158,7 @@ async fn odin_msp_and_energy_scores_match_the_pytorch_reference() {
 /// With ε = 0 or the wrong sign the same tolerance fails: the test can tell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tolerance_tells_a_right_perturbation_from_none() {
-    let mut config = resnet20();
+    let mut config = require!(resnet20());
     config.method = Method::Odin;
     config.temperature = 1000.0;
     config.epsilon = 0.0;

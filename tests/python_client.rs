@@ -1,11 +1,13 @@
 //! The sidecar driven by an independent client: Python grpcio, which learns
 //! the protocol through reflection. `scripts/setup.sh --tests` installs it
-//! into `.venv-test/`.
+//! into `.venv-test/`. The server serves the built-in model; the frames
+//! are generated (a raw set written to a temporary folder).
 
+#[macro_use]
 mod common;
 
 use common::*;
-use odin_sidecar::wire::odin_v1::{frame::Image, Frame};
+use odin_sidecar::wire::odin_v1::Frame;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
@@ -15,8 +17,11 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
         "{} is missing: run `scripts/setup.sh --tests` (make test does)",
         python.display()
     );
-    let server = TestServer::start(resnet20()).await;
-    let images = data_dir().join("cifar10_test.u8");
+    let config = builtin();
+    let server = TestServer::start(config.clone()).await;
+    // Six generated images in the raw set format the client reads.
+    let dir = TempDir::new("python-client");
+    let images = write_raw_set(dir.path(), "frames", 6, 0, None);
     let output = tokio::process::Command::new(&python)
         .arg(repo_dir().join("tests/python/client.py"))
         .arg(server.addr.to_string())
@@ -40,7 +45,7 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
     }
 
     // The same frames through the Rust client give the same classes and scores.
-    let cifar = cifar10_test();
+    let mut reference = Reference::new(&config);
     let mut client = server.client().await;
     let mut answers = vec![report["detect_one"].clone()];
     answers.extend(report["detect"].as_array().expect("detect").iter().cloned());
@@ -52,12 +57,14 @@ async fn python_grpcio_client_gets_the_same_verdicts_as_rust() {
         let rust = client
             .detect_one(Frame {
                 frame_id: format!("rust-{i}"),
-                image: Some(Image::Raw(cifar.raw(i).into())),
+                image: Some(raw(32, 32, 3, synthetic32(i as u64))),
                 ..Frame::default()
             })
             .await
             .expect("DetectOne")
             .into_inner();
+        let logits = reference.logits(&synthetic32(i as u64));
+        reference.assert_answer(&rust, &logits);
         assert_eq!(py["predicted_class"], rust.predicted_class);
         let score = py["max_softmax"].as_f64().expect("score");
         assert!(

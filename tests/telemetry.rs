@@ -3,9 +3,9 @@
 //! on loopback, the sidecar exporting to it, frames streamed with W3C trace
 //! context; and `/metrics` scraped over HTTP.
 
+#[macro_use]
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,14 +128,6 @@ fn otlp(endpoint: String) -> OtlpConfig {
     }
 }
 
-fn raw_frame(id: String, set: &odin_sidecar::dataset::RawSet, i: usize) -> Frame {
-    Frame {
-        frame_id: id,
-        image: Some(Image::Raw(set.raw(i).into())),
-        ..Frame::default()
-    }
-}
-
 /// Streams `frames` on one Detect call with `metadata` and collects the verdicts.
 async fn detect(
     server: &TestServer,
@@ -169,157 +161,152 @@ const CALL_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALL_SPAN: &str = "00f067aa0ba902b7";
 const FRAME_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batch_links() {
-    let (receiver_addr, received) = receiver().await;
-    let mut config = resnet20();
-    config.method = Method::Odin;
-    config.temperature = 1000.0;
-    config.epsilon = 0.0014;
-    config.otlp = Some(otlp(format!("http://{receiver_addr}")));
-    let server = TestServer::start(config).await;
-    let set = cifar10_test();
-    // Frames 0..8 inherit the call's traceparent; 8..16 carry their own.
-    let frames: Vec<Frame> = (0..16)
-        .map(|i| {
-            let mut f = raw_frame(format!("f{i}"), &set, i);
-            if i >= 8 {
-                f.traceparent = format!("00-{FRAME_TRACE}-{:016x}-01", 0x1000 + i);
+/// One traced run, shared by the span tests: 16 good frames and a bad one
+/// on one Detect call carrying the caller's `traceparent`; frames 8..16
+/// carry their own. Every span the receiver got, once all have arrived.
+struct Traced {
+    /// The 16 good frames' verdicts, in order.
+    verdicts: Vec<Verdict>,
+    /// The bad frame's verdict.
+    bad: Verdict,
+    /// Every span received, with its resource's service name.
+    received: Vec<(String, Span)>,
+    spans: Vec<Span>,
+    info: odin_sidecar::domain::ModelInfo,
+}
+
+impl Traced {
+    async fn run() -> Traced {
+        let (receiver_addr, received) = receiver().await;
+        let mut config = builtin();
+        config.method = Method::Odin;
+        config.temperature = 1000.0;
+        config.epsilon = 0.0014;
+        config.otlp = Some(otlp(format!("http://{receiver_addr}")));
+        let server = TestServer::start(config).await;
+        let mut frames: Vec<Frame> = (0..16u64)
+            .map(|i| {
+                let mut f = raw_frame(format!("f{i}"), i);
+                if i >= 8 {
+                    f.traceparent = format!("00-{FRAME_TRACE}-{:016x}-01", 0x1000 + i);
+                }
+                f
+            })
+            .collect();
+        // And one bad frame: its span carries the error.
+        frames.push(Frame {
+            frame_id: "bad".into(),
+            image: Some(Image::Encoded(b"not a jpeg".to_vec())),
+            ..Frame::default()
+        });
+        let mut verdicts = detect(
+            &server,
+            frames,
+            Some(&format!("00-{CALL_TRACE}-{CALL_SPAN}-01")),
+        )
+        .await;
+        assert_eq!(verdicts.len(), 17);
+        let bad = verdicts.pop().expect("17 verdicts");
+        assert_eq!(
+            bad.error.as_ref().map(|e| e.reason.as_str()),
+            Some("DECODE_FAILED")
+        );
+        assert!(verdicts.iter().all(|v| v.error.is_none()));
+
+        // Every frame brings 7 spans (frame + 6 stages); wait for them.
+        let telemetry = Arc::clone(&server.telemetry);
+        tokio::task::spawn_blocking(move || telemetry.flush())
+            .await
+            .expect("flush");
+        let mut spans = Vec::new();
+        for _ in 0..600 {
+            spans = received.0.lock().await.clone();
+            let frames = spans.iter().filter(|(_, s)| s.name == "frame").count();
+            let respond = spans.iter().filter(|(_, s)| s.name == "respond").count();
+            if frames == 17 && respond == 17 {
+                break;
             }
-            f
-        })
-        .collect();
-    let mut frames = frames;
-    // And one bad frame: its span carries the error.
-    frames.push(Frame {
-        frame_id: "bad".into(),
-        image: Some(Image::Encoded(b"not a jpeg".to_vec())),
-        ..Frame::default()
-    });
-    let mut verdicts = detect(
-        &server,
-        frames,
-        Some(&format!("00-{CALL_TRACE}-{CALL_SPAN}-01")),
-    )
-    .await;
-    assert_eq!(verdicts.len(), 17);
-    let bad = verdicts.pop().expect("17 verdicts");
-    assert_eq!(
-        bad.error.as_ref().map(|e| e.reason.as_str()),
-        Some("DECODE_FAILED")
-    );
-    assert!(verdicts.iter().all(|v| v.error.is_none()));
-
-    // Every frame brings 7 spans (frame + 6 stages); wait for them.
-    let telemetry = Arc::clone(&server.telemetry);
-    tokio::task::spawn_blocking(move || telemetry.flush())
-        .await
-        .expect("flush");
-    let mut spans = Vec::new();
-    for _ in 0..200 {
-        spans = received.0.lock().await.clone();
-        let frames = spans.iter().filter(|(_, s)| s.name == "frame").count();
-        let respond = spans.iter().filter(|(_, s)| s.name == "respond").count();
-        if frames == 17 && respond == 17 {
-            break;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        Traced {
+            verdicts,
+            bad,
+            spans: spans.iter().map(|(_, s)| s.clone()).collect(),
+            received: spans,
+            info: server.app_info.clone(),
+        }
     }
-    assert!(spans.iter().all(|(service, _)| service == "odin-sidecar"));
-    let spans: Vec<Span> = spans.into_iter().map(|(_, s)| s).collect();
-    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
 
-    let failed = spans
-        .iter()
-        .find(|s| {
-            s.name == "frame" && attr(s, "odin.frame_id").and_then(string).as_deref() == Some("bad")
-        })
-        .expect("a span for the bad frame");
-    assert_eq!(hex(&failed.parent_span_id), CALL_SPAN);
-    assert_eq!(
-        attr(failed, "error.type").and_then(string).as_deref(),
-        Some("DECODE_FAILED")
-    );
-    assert_eq!(
-        attr(failed, "odin.verdict").and_then(string).as_deref(),
-        Some("error")
-    );
-    let status = failed.status.as_ref().expect("status");
-    assert_eq!(status.code, 2, "STATUS_CODE_ERROR");
-    assert!(
-        status.message.contains("cannot decode"),
-        "{}",
-        status.message
-    );
-    let mut stages: Vec<&str> = spans
-        .iter()
-        .filter(|s| s.parent_span_id == failed.span_id)
-        .map(|s| s.name.as_str())
-        .collect();
-    stages.sort();
-    assert_eq!(stages, ["decode", "receive", "respond"]);
-
-    for (i, verdict) in verdicts.iter().enumerate() {
-        let frame = spans
+    /// The frame span of `frame_id`.
+    fn frame(&self, frame_id: &str) -> &Span {
+        self.spans
             .iter()
             .find(|s| {
                 s.name == "frame"
-                    && attr(s, "odin.frame_id").and_then(string).as_deref()
-                        == Some(&verdict.frame_id)
+                    && attr(s, "odin.frame_id").and_then(string).as_deref() == Some(frame_id)
             })
-            .unwrap_or_else(|| panic!("no frame span for {}", verdict.frame_id));
-        // A child of the caller's span: the call's, or the frame's own.
-        let (trace, parent) = if i < 8 {
-            (CALL_TRACE.to_string(), CALL_SPAN.to_string())
-        } else {
-            (FRAME_TRACE.to_string(), format!("{:016x}", 0x1000 + i))
-        };
-        assert_eq!(hex(&frame.trace_id), trace, "frame {i} trace id");
-        assert_eq!(hex(&frame.parent_span_id), parent, "frame {i} parent");
-        assert_eq!(
-            attr(frame, "rpc.method").and_then(string).as_deref(),
-            Some("Detect")
-        );
-        assert_eq!(
-            attr(frame, "odin.method").and_then(string).as_deref(),
-            Some("odin")
-        );
-        assert_eq!(
-            attr(frame, "odin.verdict").and_then(string).as_deref(),
-            Some(if verdict.in_distribution { "in" } else { "out" })
-        );
-        assert_eq!(
-            attr(frame, "odin.predicted_class"),
-            Some(&Value::IntValue(i64::from(verdict.predicted_class)))
-        );
-        match attr(frame, "odin.score") {
-            Some(Value::DoubleValue(s)) => assert_eq!(*s as f32, verdict.score),
-            other => panic!("odin.score: {other:?}"),
-        }
-        assert_eq!(
-            attr(frame, "odin.model.name").and_then(string),
-            Some(server.app_info.name.clone())
-        );
-        assert_eq!(
-            attr(frame, "odin.execution_provider").and_then(string),
-            Some(server.app_info.execution_provider.clone())
-        );
-        let Some(Value::IntValue(batch_size)) = attr(frame, "odin.batch_size") else {
-            panic!("frame {i} has no batch size");
-        };
+            .unwrap_or_else(|| panic!("no frame span for {frame_id}"))
+    }
 
-        // Its stages: all six, in order, inside it, not overlapping.
-        let mut stages: Vec<&Span> = spans
+    /// The children of `span`, by start time.
+    fn children(&self, span: &Span) -> Vec<&Span> {
+        let mut children: Vec<&Span> = self
+            .spans
             .iter()
-            .filter(|s| s.parent_span_id == frame.span_id)
+            .filter(|s| s.parent_span_id == span.span_id)
             .collect();
-        stages.sort_by_key(|s| s.start_time_unix_nano);
+        children.sort_by_key(|s| s.start_time_unix_nano);
+        children
+    }
+
+    fn by_id(&self, span_id: &[u8]) -> Option<&Span> {
+        self.spans.iter().find(|s| s.span_id == span_id)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_span_is_a_child_of_the_calls_traceparent() {
+    let run = Traced::run().await;
+    assert!(run
+        .received
+        .iter()
+        .all(|(service, _)| service == "odin-sidecar"));
+    for (i, verdict) in run.verdicts.iter().enumerate().take(8) {
+        let frame = run.frame(&verdict.frame_id);
+        assert_eq!(hex(&frame.trace_id), CALL_TRACE, "frame {i} trace id");
+        assert_eq!(hex(&frame.parent_span_id), CALL_SPAN, "frame {i} parent");
+    }
+    // A failed frame too.
+    assert_eq!(hex(&run.frame("bad").parent_span_id), CALL_SPAN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frames_own_traceparent_overrides_the_calls() {
+    let run = Traced::run().await;
+    for (i, verdict) in run.verdicts.iter().enumerate().skip(8) {
+        let frame = run.frame(&verdict.frame_id);
+        assert_eq!(hex(&frame.trace_id), FRAME_TRACE, "frame {i} trace id");
+        assert_eq!(
+            hex(&frame.parent_span_id),
+            format!("{:016x}", 0x1000 + i),
+            "frame {i} parent"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_span_holds_its_six_stages_in_order_within_its_time() {
+    let run = Traced::run().await;
+    for (i, verdict) in run.verdicts.iter().enumerate() {
+        let frame = run.frame(&verdict.frame_id);
+        let stages = run.children(frame);
         let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
             ["receive", "decode", "queue", "batch", "score", "respond"],
             "frame {i} stages"
         );
+        // In order, inside the frame, not overlapping, in its trace.
         let mut at = frame.start_time_unix_nano;
         for stage in &stages {
             assert_eq!(stage.trace_id, frame.trace_id);
@@ -340,13 +327,28 @@ async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batc
             .map(|s| s.end_time_unix_nano - s.start_time_unix_nano)
             .sum();
         assert!(busy <= frame.end_time_unix_nano - frame.start_time_unix_nano);
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_batch_spans_and_frames_link_both_ways() {
+    let run = Traced::run().await;
+    for (i, verdict) in run.verdicts.iter().enumerate() {
+        let frame = run.frame(&verdict.frame_id);
+        let stages = run.children(frame);
+        let (queue, batch) = (stages[2], stages[3]);
+        assert_eq!(
+            (queue.name.as_str(), batch.name.as_str()),
+            ("queue", "batch")
+        );
+        let Some(Value::IntValue(batch_size)) = attr(frame, "odin.batch_size") else {
+            panic!("frame {i} has no batch size");
+        };
         // The frame's batch stage links to the engine batch span, which
         // links back to the frame and holds the gradient and forward runs.
-        let stage = stages[3];
-        assert_eq!(stage.links.len(), 1, "batch stage links to its engine run");
-        let engine = by_id
-            .get(&stage.links[0].span_id)
+        assert_eq!(batch.links.len(), 1, "batch stage links to its engine run");
+        let engine = run
+            .by_id(&batch.links[0].span_id)
             .unwrap_or_else(|| panic!("frame {i}: engine.batch span not received"));
         assert_eq!(engine.name, "engine.batch");
         assert_eq!(
@@ -361,15 +363,83 @@ async fn frame_spans_are_children_of_the_callers_span_with_their_stages_and_batc
             "engine.batch links to frame {i}"
         );
         assert_eq!(engine.links.len() as i64, *batch_size);
-        let mut runs: Vec<&Span> = spans
+        let runs: Vec<&str> = run
+            .children(engine)
             .iter()
-            .filter(|s| s.parent_span_id == engine.span_id)
+            .map(|s| s.name.as_str())
             .collect();
-        runs.sort_by_key(|s| s.start_time_unix_nano);
-        let runs: Vec<&str> = runs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(runs, ["gradient", "forward"]);
-        assert!(engine.start_time_unix_nano >= stages[2].end_time_unix_nano - 1);
+        assert!(engine.start_time_unix_nano >= queue.end_time_unix_nano - 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_span_carries_its_call_verdict_and_model() {
+    let run = Traced::run().await;
+    for (i, verdict) in run.verdicts.iter().enumerate() {
+        let frame = run.frame(&verdict.frame_id);
+        let text = |key: &str| attr(frame, key).and_then(string);
+        assert_eq!(text("rpc.system").as_deref(), Some("grpc"), "frame {i}");
+        assert_eq!(text("rpc.service").as_deref(), Some("odin.v1.Detector"));
+        assert_eq!(text("rpc.method").as_deref(), Some("Detect"));
+        assert_eq!(text("odin.method").as_deref(), Some("odin"));
+        assert_eq!(
+            text("odin.verdict").as_deref(),
+            Some(if verdict.in_distribution { "in" } else { "out" })
+        );
+        assert_eq!(
+            attr(frame, "odin.predicted_class"),
+            Some(&Value::IntValue(i64::from(verdict.predicted_class)))
+        );
+        match attr(frame, "odin.score") {
+            Some(Value::DoubleValue(s)) => assert_eq!(*s as f32, verdict.score),
+            other => panic!("odin.score: {other:?}"),
+        }
+        assert_eq!(text("odin.model.name"), Some(run.info.name.clone()));
+        assert_eq!(text("odin.model.version"), Some(run.info.version.clone()));
+        assert_eq!(
+            text("odin.execution_provider"),
+            Some(run.info.execution_provider.clone())
+        );
+        assert!(
+            matches!(attr(frame, "odin.batch_size"), Some(Value::IntValue(n)) if *n >= 1),
+            "frame {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_frames_span_has_error_status_and_type() {
+    let run = Traced::run().await;
+    let failed = run.frame("bad");
+    let reason = run.bad.error.as_ref().expect("error").reason.clone();
+    assert_eq!(
+        attr(failed, "error.type").and_then(string).as_deref(),
+        Some(reason.as_str())
+    );
+    assert_eq!(
+        attr(failed, "odin.verdict").and_then(string).as_deref(),
+        Some("error")
+    );
+    let status = failed.status.as_ref().expect("status");
+    assert_eq!(status.code, 2, "STATUS_CODE_ERROR");
+    assert!(
+        status.message.contains("cannot decode"),
+        "{}",
+        status.message
+    );
+    // It never reached the queue or the engine.
+    let mut stages: Vec<&str> = run
+        .children(failed)
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    stages.sort();
+    assert_eq!(stages, ["decode", "receive", "respond"]);
+    // Good frames' spans are not errors.
+    let good = run.frame(&run.verdicts[0].frame_id);
+    assert_ne!(good.status.as_ref().map(|s| s.code), Some(2));
+    assert!(attr(good, "error.type").is_none());
 }
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -382,13 +452,17 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_frame_by_verdict() {
-    let server = TestServer::start(resnet20()).await;
-    let (cifar, tin) = (cifar10_test(), tin_crop());
-    let mut frames = Vec::new();
-    for i in 0..20 {
-        frames.push(raw_frame(format!("c{i}"), &cifar, i));
-        frames.push(raw_frame(format!("t{i}"), &tin, i));
-    }
+    // The server's threshold at the frames' median max-softmax, computed
+    // here: about half are in-distribution, half out.
+    let mut config = builtin();
+    let mut reference = Reference::new(&config);
+    let mut scores: Vec<f64> = (0..40u64)
+        .map(|i| reference_max_softmax(&reference.logits(&synthetic32(i)), 1.0))
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    config.threshold = ((scores[19] + scores[20]) / 2.0) as f32;
+    let server = TestServer::start(config).await;
+    let mut frames: Vec<Frame> = (0..40u64).map(|i| raw_frame(format!("f{i}"), i)).collect();
     frames.push(Frame {
         frame_id: "bad".into(),
         image: Some(Image::Raw(RawImage {
@@ -407,7 +481,7 @@ async fn metrics_count_every_frame_by_verdict() {
         count(&|v| v.error.is_none() && !v.in_distribution),
         count(&|v| v.error.is_some()),
     );
-    assert!(ins > 0 && outs > 0 && errors == 1, "{ins} in, {outs} out");
+    assert_eq!((ins, outs, errors), (20, 20, 1));
 
     let text = server.scrape().await;
     assert_eq!(metric(&text, r#"odin_frames_total{verdict="in"}"#), ins);
@@ -450,13 +524,10 @@ async fn with_the_receiver_down_serving_goes_on_and_dropped_spans_are_counted() 
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let mut config: ServeConfig = resnet20();
+    let mut config: ServeConfig = builtin();
     config.otlp = Some(otlp(format!("http://{closed}")));
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
-    let frames: Vec<Frame> = (0..64)
-        .map(|i| raw_frame(format!("f{i}"), &set, i))
-        .collect();
+    let frames: Vec<Frame> = (0..64).map(|i| raw_frame(format!("f{i}"), i)).collect();
     let verdicts = detect(&server, frames, None).await;
     assert_eq!(verdicts.len(), 64);
     assert!(verdicts.iter().all(|v| v.error.is_none()));
@@ -481,16 +552,13 @@ async fn with_the_receiver_down_serving_goes_on_and_dropped_spans_are_counted() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
     let (addr, _, pushed) = receivers().await;
-    let mut config = resnet20();
+    let mut config = builtin();
     config.otlp = Some(OtlpConfig {
         metrics_interval: Some(Duration::from_millis(100)),
         ..otlp(format!("http://{addr}"))
     });
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
-    let frames: Vec<Frame> = (0..12)
-        .map(|i| raw_frame(format!("f{i}"), &set, i))
-        .collect();
+    let frames: Vec<Frame> = (0..12).map(|i| raw_frame(format!("f{i}"), i)).collect();
     let verdicts = detect(&server, frames, None).await;
     let ins = verdicts.iter().filter(|v| v.in_distribution).count() as i64;
     // The latest push after the run counts every frame.
@@ -556,58 +624,38 @@ async fn metrics_are_pushed_over_otlp_with_the_same_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let (receiver_addr, received) = receiver().await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_odin-sidecar"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .env("ODIN_OTLP", "1")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{receiver_addr}"),
-        )
-        .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
-        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
-        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (mut grpc, mut metrics) = (None, None);
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.expect("reads") {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::to_string);
-            if line.contains("Prometheus") {
-                metrics = addr;
-            } else if line.contains("serving odin.v1.Detector") {
-                grpc = addr;
-                break;
-            }
-        }
-    })
-    .await
-    .expect("serves within a minute");
-    let (grpc, metrics) = (
-        grpc.expect("gRPC address"),
-        metrics.expect("metrics address"),
-    );
+    let serve = ServeProcess::start(
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        |command| {
+            command
+                .env("ODIN_OTLP", "1")
+                .env(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://{receiver_addr}"),
+                )
+                .env("OTEL_SERVICE_NAME", "cam-7-sidecar")
+                .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+                .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+                .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        },
+    )
+    .await;
+    let metrics = serve.metrics_addr.clone().expect("metrics address");
 
     // The sampler is parent-based: a sampled caller's frame is traced, an
     // unsampled one (flags 00) is not.
-    let mut client = DetectorClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connects");
-    let set = cifar10_test();
+    let mut client = DetectorClient::new(serve.channel().await);
     for (i, flags) in ["01", "00"].iter().enumerate() {
-        let mut request = tonic::Request::new(raw_frame(format!("u{i}"), &set, i));
+        let mut request = tonic::Request::new(raw_frame(format!("u{i}"), i as u64));
         request.metadata_mut().insert(
             "traceparent",
             format!("00-{CALL_TRACE}-{CALL_SPAN}-{flags}")
@@ -622,7 +670,7 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
         assert!(verdict.error.is_none());
     }
     let mut spans = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..600 {
         spans = received.0.lock().await.clone();
         if spans.iter().any(|(_, s)| s.name == "respond") {
             break;
@@ -682,13 +730,14 @@ async fn serve_flags_and_otel_variables_reach_the_collector_and_metrics_port() {
     );
     assert!(get("/").await.starts_with("HTTP/1.1 404"));
 
-    terminate(child).await;
+    let channel = serve.channel().await;
+    terminate(serve, channel).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
     let (addr, received) = receiver().await;
-    let mut config = resnet20();
+    let mut config = builtin();
     config.otlp = Some(OtlpConfig {
         // Room for 5 spans, and no scheduled export during the run.
         max_queue: Some(5),
@@ -696,10 +745,7 @@ async fn spans_beyond_the_export_queue_are_dropped_and_counted() {
         ..otlp(format!("http://{addr}"))
     });
     let server = TestServer::start(config).await;
-    let set = cifar10_test();
-    let frames: Vec<Frame> = (0..8)
-        .map(|i| raw_frame(format!("f{i}"), &set, i))
-        .collect();
+    let frames: Vec<Frame> = (0..8).map(|i| raw_frame(format!("f{i}"), i)).collect();
     let verdicts = detect(&server, frames, None).await;
     assert_eq!(verdicts.len(), 8);
     assert!(verdicts.iter().all(|v| v.error.is_none()));

@@ -161,38 +161,50 @@ mod tests {
         );
     }
 
+    /// The built-in model's card (compiled in, like the model).
+    fn builtin_card() -> ModelCard {
+        ModelCard::parse(
+            crate::model::DEFAULT_MODEL_CARD,
+            std::path::Path::new("<embedded>"),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn check_rejects_a_graph_without_the_odin_outputs() {
-        let model = crate::dataset::shared_data_dir().join("models/resnet20_cifar10.onnx");
-        let bytes = std::fs::read(&model).expect("shared data (set ODIN_DATA)");
+        let bytes = crate::model::DEFAULT_MODEL_ONNX;
         // The plain model has no temperature/epsilon inputs or perturbed output.
-        assert!(check(&bytes, &bytes).is_err());
+        assert!(check(bytes, bytes).is_err());
         let options = GradOptions {
-            std: vec![0.229, 0.224, 0.225],
+            std: builtin_card().input.std,
             raw_gradient: false,
         };
-        let derived = grad::derive(&bytes, &options).unwrap();
-        assert_eq!(check(&bytes, &derived.bytes).unwrap(), 0.0);
+        let derived = grad::derive(bytes, &options).unwrap();
+        assert_eq!(check(bytes, &derived.bytes).unwrap(), 0.0);
     }
 
     #[tokio::test]
     async fn writes_a_checked_graph_with_std_from_the_card() {
-        let model = crate::dataset::shared_data_dir().join("models/resnet20_cifar10.onnx");
-        let out =
-            std::env::temp_dir().join(format!("odin-export-grad-{}.onnx", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("odin-export-grad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("cnn.onnx");
+        std::fs::write(&model, crate::model::DEFAULT_MODEL_ONNX).unwrap();
+        let out = dir.join("cnn.odin.onnx");
+        let card = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/cifar10_cnn.card.json"
+        ));
+        let std = ModelCard::load(&card).unwrap().input.std;
         let args = ExportGradArgs {
             model,
             output: out.clone(),
             raw_gradient: true,
-            card: Some(PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/models/resnet20_cifar10.card.json"
-            ))),
+            card: Some(card),
             std: None,
         };
         assert_eq!(run(args).await.unwrap(), ExitCode::SUCCESS);
         let bytes = std::fs::read(&out).unwrap();
-        std::fs::remove_file(&out).ok();
+        std::fs::remove_dir_all(&dir).ok();
         let m = <crate::onnx::ModelProto as prost::Message>::decode(bytes.as_slice()).unwrap();
         let outputs: Vec<&str> = m
             .graph
@@ -202,7 +214,48 @@ mod tests {
             .iter()
             .map(|o| o.name())
             .collect();
-        assert_eq!(outputs, ["logits", "perturbed", "gradient"]);
+        assert_eq!(outputs, [names::LOGITS, names::PERTURBED, names::GRADIENT]);
+
+        // The step is ε / std[c] of the card, per channel, against the
+        // gradient's sign (+1 where the gradient is zero).
+        let mut g =
+            crate::runtime::session(&bytes, &crate::runtime::SessionOptions::default()).unwrap();
+        let input = g.inputs()[0].name().to_string();
+        let (c, hw) = (std.len(), 32 * 32);
+        let x: Vec<f32> = (0..c * hw)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let epsilon = 0.004f32;
+        let scalar = |v: f32| Tensor::from_array((Vec::<i64>::new(), vec![v])).unwrap();
+        let result = g
+            .run(ort::inputs![
+                input.as_str() => Tensor::from_array((vec![1i64, c as i64, 32, 32], x.clone())).unwrap(),
+                names::TEMPERATURE => scalar(10.0),
+                names::EPSILON => scalar(epsilon),
+            ])
+            .unwrap();
+        let perturbed = result[names::PERTURBED]
+            .try_extract_tensor::<f32>()
+            .unwrap()
+            .1
+            .to_vec();
+        let gradient = result[names::GRADIENT]
+            .try_extract_tensor::<f32>()
+            .unwrap()
+            .1
+            .to_vec();
+        assert_eq!((perturbed.len(), gradient.len()), (x.len(), x.len()));
+        assert!(gradient.iter().any(|v| *v != 0.0), "a degenerate gradient");
+        for (i, ((p, x), g)) in perturbed.iter().zip(&x).zip(&gradient).enumerate() {
+            let channel = i / hw;
+            let sign = if *g < 0.0 { -1.0 } else { 1.0 };
+            let want = -sign * epsilon / std[channel];
+            assert!(
+                ((p - x) - want).abs() < 1e-6,
+                "value {i} (channel {channel}): stepped {} instead of {want}",
+                p - x
+            );
+        }
     }
 
     #[tokio::test]

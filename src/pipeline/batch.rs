@@ -370,3 +370,6 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>, telemetry: &Telemetry) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

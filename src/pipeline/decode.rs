@@ -344,11 +344,68 @@ mod tests {
         assert_eq!(&t[8..12], &[1.0; 4]);
     }
 
+    /// Triangle ("bilinear") resampling weights as PIL and `image` define
+    /// them, written here: output pixel `o`'s centre sits at
+    /// `(o + 0.5) · in/out` in the input; input pixels within the support
+    /// (1, widened by the scale when shrinking) weigh `1 − |d| / support`,
+    /// normalized to sum to 1.
+    fn triangle(input: usize, output: usize) -> Vec<Vec<(usize, f64)>> {
+        let scale = input as f64 / output as f64;
+        let support = scale.max(1.0);
+        (0..output)
+            .map(|o| {
+                let centre = (o as f64 + 0.5) * scale;
+                let mut weights: Vec<(usize, f64)> = (0..input)
+                    .filter_map(|i| {
+                        let d = ((i as f64 + 0.5) - centre).abs() / support;
+                        (d < 1.0).then_some((i, 1.0 - d))
+                    })
+                    .collect();
+                let sum: f64 = weights.iter().map(|(_, w)| w).sum();
+                weights.iter_mut().for_each(|(_, w)| *w /= sum);
+                weights
+            })
+            .collect()
+    }
+
     #[test]
-    fn other_sizes_are_resized_or_rejected_per_card() {
+    fn other_sizes_are_resized_bilinearly_or_rejected_per_card() {
+        let mut s = spec(Resize::Bilinear, ChannelOrder::RGB);
+        (s.width, s.height) = (8, 7);
+        let pre = Preprocessor::new(&s);
+        // Larger, smaller, and larger one way but smaller the other.
+        for (w, h) in [(5usize, 3usize), (13, 11), (20, 4)] {
+            let px: Vec<u8> = (0..w * h * 3)
+                .map(|i| ((i * 37 + i / 7 * 11) % 256) as u8)
+                .collect();
+            let got = pre
+                .tensor(Some(&raw(w as u32, h as u32, 3, px.clone())))
+                .expect("resized");
+            assert_eq!(got.len(), 3 * 7 * 8);
+            let (wx, wy) = (triangle(w, 8), triangle(h, 7));
+            for c in 0..3 {
+                for y in 0..7 {
+                    for x in 0..8 {
+                        let mut v = 0.0;
+                        for (j, a) in &wy[y] {
+                            for (i, b) in &wx[x] {
+                                v += a * b * f64::from(px[(j * w + i) * 3 + c]);
+                            }
+                        }
+                        let pixel = v.round().clamp(0.0, 255.0);
+                        let want = (pixel / 255.0 - f64::from(s.mean[c])) / f64::from(s.std[c]);
+                        // Within one step of 8-bit rounding.
+                        let step = 1.0 / (255.0 * f64::from(s.std[c]));
+                        let at = got[(c * 7 + y) * 8 + x];
+                        assert!(
+                            (f64::from(at) - want).abs() <= step + 1e-5,
+                            "{w}x{h} → 8x7, channel {c} at ({x}, {y}): {at} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
         let big = raw(4, 4, 3, vec![128; 48]);
-        let pre = Preprocessor::new(&spec(Resize::Bilinear, ChannelOrder::RGB));
-        assert_eq!(pre.tensor(Some(&big)).expect("resized").len(), 12);
         let strict = Preprocessor::new(&spec(Resize::None, ChannelOrder::RGB));
         assert!(matches!(
             strict.tensor(Some(&big)),

@@ -84,6 +84,9 @@ pub async fn drive<S, E, T>(
                 // Sent: the frame's respond stage, span and charge end here.
                 drop(finish);
             }
+            // The client left while the next answer is not ready: stop now,
+            // so the frames behind a slow one are not computed for nobody.
+            _ = answers.closed(), if reading || !in_flight.is_empty() => return,
             admitted = async { admitting.as_mut()?.await }, if admitting.is_some() => {
                 admitting = None;
                 match admitted {
@@ -138,3 +141,6 @@ fn judge(
     let caller = caller.clone();
     async move { pipeline.judge(admitted, &caller).await }
 }
+
+#[cfg(test)]
+mod tests;

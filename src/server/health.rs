@@ -60,3 +60,6 @@ impl Health {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

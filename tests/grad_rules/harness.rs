@@ -13,7 +13,7 @@ use odin_sidecar::onnx::{
 };
 use prost::Message;
 
-use crate::support::*;
+use crate::common::*;
 
 pub const CLASSES: i64 = 5;
 

@@ -19,8 +19,9 @@
 //! `coverage` checks what the pass refuses and how it says so, `outputs`
 //! what the derived graph returns besides the gradient.
 
-#[path = "../support/mod.rs"]
-mod support;
+#[macro_use]
+#[path = "../common/mod.rs"]
+mod common;
 
 mod harness;
 

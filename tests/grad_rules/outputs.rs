@@ -7,8 +7,8 @@ use odin_sidecar::grad::{derive, names, GradError, GradOptions};
 use odin_sidecar::onnx::{tensor_proto::DataType, ModelProto};
 use prost::Message;
 
+use crate::common::*;
 use crate::harness::*;
-use crate::support::*;
 
 #[test]
 fn trailing_softmax_is_skipped_and_reported() {

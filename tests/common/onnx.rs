@@ -1,8 +1,5 @@
-//! Shared by the gradient-pass tests and benchmark: running ONNX models
-//! with ONNX Runtime, a seeded PRNG, and the ResNet data.
-#![allow(dead_code)]
-
-use std::path::PathBuf;
+//! ONNX Runtime for the gradient-pass tests and benchmark: sessions, runs
+//! in float32 or float64, a seeded PRNG, little-endian f32 files.
 
 use ort::session::Session;
 use ort::value::Tensor;
@@ -117,34 +114,50 @@ impl Rng {
     }
 }
 
-/// `../shared/data` (or `$ODIN_DATA`).
-pub fn data_dir() -> PathBuf {
-    odin_sidecar::dataset::shared_data_dir()
-}
-
-pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// NHWC u8 images → normalised NCHW f32, as the reference computed it.
-pub fn normalize(pixels: &[u8], n: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * 3 * h * w];
-    for i in 0..n {
-        for y in 0..h {
-            for x in 0..w {
-                for c in 0..3 {
-                    let v = pixels[((i * h + y) * w + x) * 3 + c] as f32 / 255.0;
-                    out[((i * 3 + c) * h + y) * w + x] = (v - MEAN[c]) / STD[c];
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Little-endian f32 file.
 pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
+}
+
+/// The built-in model with a `Sin` node on its input: a classifier ONNX
+/// Runtime runs as before, but one the gradient pass cannot differentiate
+/// (`Sin` has no rule), so it is served without ODIN.
+pub fn builtin_without_gradient() -> Vec<u8> {
+    use odin_sidecar::onnx::{ModelProto, NodeProto};
+    use prost::Message;
+    let mut model =
+        ModelProto::decode(odin_sidecar::model::DEFAULT_MODEL_ONNX).expect("built-in model");
+    let graph = model.graph.as_mut().expect("graph");
+    let weights: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    let x = graph
+        .input
+        .iter()
+        .map(|i| i.name().to_string())
+        .find(|name| !weights.contains(name))
+        .expect("an image input");
+    for node in &mut graph.node {
+        for input in &mut node.input {
+            if *input == x {
+                *input = "x_sin".into();
+            }
+        }
+    }
+    graph.node.insert(
+        0,
+        NodeProto {
+            op_type: Some("Sin".into()),
+            name: Some("no_rule_sin".into()),
+            input: vec![x],
+            output: vec!["x_sin".into()],
+            ..Default::default()
+        },
+    );
+    model.encode_to_vec()
 }
