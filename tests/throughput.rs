@@ -237,7 +237,7 @@ async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
             }
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-                assert!(status.message().contains("too many DetectOne calls"));
+                assert!(status.message().contains("too many unary calls"));
                 shed += 1;
             }
         }
