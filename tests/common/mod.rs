@@ -58,6 +58,8 @@ pub struct TestServer {
     pub telemetry: std::sync::Arc<odin_sidecar::telemetry::Telemetry>,
     pub app_info: odin_sidecar::domain::ModelInfo,
     pub pipeline: std::sync::Arc<odin_sidecar::pipeline::Pipeline>,
+    /// The readiness switch gRPC health, KServe readiness and `/readyz` report.
+    pub health: odin_sidecar::server::Health,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -67,6 +69,7 @@ impl TestServer {
         let app_info = app.info().clone();
         let pipeline = app.pipeline();
         let telemetry = app.telemetry();
+        let health = app.health();
         let metrics_listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -91,7 +94,15 @@ impl TestServer {
             telemetry,
             app_info,
             pipeline,
+            health,
             stop: Some(stop),
+        }
+    }
+
+    /// Starts the server's shutdown, as a SIGTERM would: it drains.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 
