@@ -627,6 +627,29 @@ async fn bytes_elements_are_length_prefixed_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uint8_typed_contents_equal_raw_contents_and_raw_frames() {
+    let server = TestServer::start(builtin()).await;
+    let mut client = kserve(&server).await;
+    // The README's grpcurl example: one red pixel, resized to the model's size.
+    let mut typed = ModelInferRequest {
+        model_name: MODEL.into(),
+        id: "red".into(),
+        inputs: vec![input("image", "UINT8", vec![1, 1, 1, 3])],
+        ..ModelInferRequest::default()
+    };
+    typed.inputs[0].contents = Some(InferTensorContents {
+        uint_contents: vec![255, 0, 0],
+        ..InferTensorContents::default()
+    });
+    let typed = outputs(&client.model_infer(typed).await.expect("typed").into_inner());
+    let raw = image_request("red", &[vec![255, 0, 0]], 1, 1);
+    let raw = outputs(&client.model_infer(raw).await.expect("raw").into_inner());
+    let verdict = detect_one(&server, raw_image(&[255, 0, 0], 1, 1), None).await;
+    assert_same(&typed, 0, &verdict, "typed");
+    assert_same(&raw, 0, &verdict, "raw");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_override_the_scoring_as_odin_v1_does() {
     let server = TestServer::start(builtin()).await;
     let mut client = kserve(&server).await;
