@@ -383,6 +383,21 @@ mod tests {
             auth.check("/odin.v1.Detector/DetectOne", &headers),
             Err(CallError::Unauthenticated)
         );
+        // KServe's probes are open too; its inference and metadata are not.
+        assert!(auth
+            .check("/inference.GRPCInferenceService/ModelReady", &headers)
+            .is_ok());
+        for path in [
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            "/inference.GRPCInferenceService/ModelMetadata",
+        ] {
+            assert_eq!(
+                auth.check(path, &headers),
+                Err(CallError::Unauthenticated),
+                "{path}"
+            );
+        }
         headers.insert(
             http::header::AUTHORIZATION,
             http::HeaderValue::from_static("Bearer t0k"),
