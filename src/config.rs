@@ -210,7 +210,7 @@ pub struct ServeConfig {
     pub stream_window: usize,
     /// Concurrent decodes (the bounded decode pool).
     pub decode_threads: usize,
-    /// Unary calls in flight beyond which `DetectOne` answers
+    /// Unary calls in flight beyond which `DetectOne` and `ModelInfer` answer
     /// RESOURCE_EXHAUSTED (0 = no limit: unary callers then wait in the queue).
     pub max_unary_in_flight: usize,
     /// Span export over OTLP/gRPC; `None` (the default) makes no spans.

@@ -313,7 +313,7 @@ impl From<FrameError> for Status {
 pub enum CallError {
     /// Too many unary calls are in flight: shed, so a burst cannot queue
     /// without bound behind the engine.
-    #[error("too many DetectOne calls in flight (limit {limit}); retry with backoff or use Detect streams")]
+    #[error("too many unary calls (DetectOne, ModelInfer) in flight (limit {limit}); retry with backoff or use a stream (Detect, ModelStreamInfer)")]
     Overloaded {
         /// The configured limit.
         limit: usize,

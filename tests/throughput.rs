@@ -483,7 +483,7 @@ async fn unary_calls_past_the_admission_limit_get_resource_exhausted() {
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
                 assert!(
-                    status.message().contains("too many DetectOne calls")
+                    status.message().contains("too many unary calls")
                         && status.message().contains("limit 2"),
                     "{}",
                     status.message()

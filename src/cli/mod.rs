@@ -140,7 +140,7 @@ pub struct ModelArgs {
     /// Concurrent JPEG/PNG decodes (the bounded decode pool).
     #[arg(long, default_value_t = config::DEFAULT_DECODE_THREADS, env = "ODIN_DECODE_THREADS")]
     pub decode_threads: usize,
-    /// DetectOne calls in flight beyond which new ones get RESOURCE_EXHAUSTED (0 = no limit).
+    /// Unary calls (DetectOne, ModelInfer) in flight beyond which new ones get RESOURCE_EXHAUSTED (0 = no limit).
     #[arg(long, default_value_t = 0, env = "ODIN_MAX_UNARY_IN_FLIGHT")]
     pub max_unary_in_flight: usize,
     /// Longest a frame waits for a batch to fill, in milliseconds.

@@ -47,11 +47,12 @@ impl DetectorService {
     }
 }
 
-/// Counts a `Detect` stream as open until dropped.
-struct StreamOpen(Arc<Telemetry>);
+/// Counts a stream (`Detect`, or KServe's `ModelStreamInfer`) as open
+/// until dropped.
+pub(super) struct StreamOpen(Arc<Telemetry>);
 
 impl StreamOpen {
-    fn enter(telemetry: Arc<Telemetry>) -> StreamOpen {
+    pub(super) fn enter(telemetry: Arc<Telemetry>) -> StreamOpen {
         telemetry
             .metrics()
             .streams_open

@@ -1,6 +1,7 @@
 //! Whether the sidecar takes work: one switch that both the gRPC health
 //! service (`grpc.health.v1`, for Kubernetes gRPC probes and load
-//! balancers) and the plain-HTTP `/readyz` report, so they never disagree.
+//! balancers), KServe's `ServerReady`/`ModelReady` and the plain-HTTP
+//! `/readyz` report, so they never disagree.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 /// The gRPC service names whose status is reported; "" is the whole server.
-const SERVICES: [&str; 2] = ["", "odin.v1.Detector"];
+const SERVICES: [&str; 3] = ["", "odin.v1.Detector", "inference.GRPCInferenceService"];
 
 /// The readiness switch. Cheap to clone. `/readyz` says not ready until
 /// [`Health::serving`] is called; the gRPC service only starts listening

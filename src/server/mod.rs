@@ -1,5 +1,6 @@
-//! The network surface: the gRPC services (`odin.v1.Detector`, health,
-//! reflection) behind one layered stack, and the plain-HTTP endpoints for
+//! The network surface: the gRPC services (`odin.v1.Detector`, KServe v2's
+//! `inference.GRPCInferenceService`, health, reflection) behind one layered
+//! stack, and the plain-HTTP endpoints for
 //! scrapers and probes that cannot speak gRPC. `crate::app` binds the
 //! listeners and runs them.
 
@@ -9,8 +10,10 @@ pub mod conn;
 pub mod detector;
 pub mod health;
 pub mod http;
+pub mod inference;
 pub mod stack;
 pub mod tls;
 
 pub use detector::DetectorService;
 pub use health::Health;
+pub use inference::InferenceService;

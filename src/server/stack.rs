@@ -19,14 +19,23 @@ use crate::config::NetworkOptions;
 use crate::error::CallError;
 use crate::telemetry::Metrics;
 
-/// The unary calls that admission control sheds: each holds a frame in
+/// The unary calls that admission control sheds: each holds frames in
 /// memory and waits for the engine, so a burst of them must not queue
 /// without bound. Streams are bounded by their own window instead.
-pub const UNARY_CALLS: [&str; 1] = ["/odin.v1.Detector/DetectOne"];
+pub const UNARY_CALLS: [&str; 2] = [
+    "/odin.v1.Detector/DetectOne",
+    "/inference.GRPCInferenceService/ModelInfer",
+];
 
 /// Calls that need no token and are answered while draining: probes must
-/// reach health without credentials, and see NOT_SERVING during a drain.
-pub const OPEN_PREFIXES: [&str; 1] = ["/grpc.health.v1.Health/"];
+/// reach health without credentials, and see NOT_SERVING (KServe: `ready`
+/// false) during a drain. The KServe entries are whole method paths.
+pub const OPEN_PREFIXES: [&str; 4] = [
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+];
 
 /// What the stack enforces.
 #[derive(Debug, Clone)]

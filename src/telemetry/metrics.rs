@@ -157,6 +157,8 @@ pub struct Metrics {
     /// End-to-end latency per frame (`rpc.server.duration`), per RPC method.
     duration_detect: Histogram,
     duration_detect_one: Histogram,
+    duration_model_infer: Histogram,
+    duration_model_stream_infer: Histogram,
     stages: [Histogram; 6],
     /// Frames per engine run.
     pub batch_size: Histogram,
@@ -181,6 +183,8 @@ impl Default for Metrics {
         Metrics {
             duration_detect: Histogram::new(&LATENCY_BOUNDS),
             duration_detect_one: Histogram::new(&LATENCY_BOUNDS),
+            duration_model_infer: Histogram::new(&LATENCY_BOUNDS),
+            duration_model_stream_infer: Histogram::new(&LATENCY_BOUNDS),
             stages: std::array::from_fn(|_| Histogram::new(&LATENCY_BOUNDS)),
             batch_size: Histogram::new(&BATCH_BOUNDS),
             frames: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -202,6 +206,10 @@ pub enum Rpc {
     Detect,
     /// A `DetectOne` call.
     DetectOne,
+    /// An element of a KServe v2 `ModelInfer` call.
+    ModelInfer,
+    /// An element of a request on a KServe v2 `ModelStreamInfer` stream.
+    ModelStreamInfer,
     /// In-process, without gRPC (`detect`, benchmarks).
     InProcess,
 }
@@ -209,7 +217,10 @@ pub enum Rpc {
 impl Rpc {
     /// The `rpc.service` value.
     pub fn service(self) -> &'static str {
-        "odin.v1.Detector"
+        match self {
+            Rpc::Detect | Rpc::DetectOne | Rpc::InProcess => "odin.v1.Detector",
+            Rpc::ModelInfer | Rpc::ModelStreamInfer => "inference.GRPCInferenceService",
+        }
     }
 
     /// The `rpc.method` value.
@@ -217,6 +228,8 @@ impl Rpc {
         match self {
             Rpc::Detect => "Detect",
             Rpc::DetectOne => "DetectOne",
+            Rpc::ModelInfer => "ModelInfer",
+            Rpc::ModelStreamInfer => "ModelStreamInfer",
             Rpc::InProcess => "in-process",
         }
     }
@@ -239,6 +252,8 @@ impl Metrics {
         match rpc {
             Rpc::Detect => self.duration_detect.record_duration(total),
             Rpc::DetectOne => self.duration_detect_one.record_duration(total),
+            Rpc::ModelInfer => self.duration_model_infer.record_duration(total),
+            Rpc::ModelStreamInfer => self.duration_model_stream_infer.record_duration(total),
             // In-process frames are no RPC; their stages still count.
             Rpc::InProcess => {}
         }
@@ -256,11 +271,11 @@ impl Metrics {
     /// Every metric, read now: what both exports (Prometheus text and OTLP)
     /// are made from, so they always agree.
     pub fn families(&self, gauges: Gauges) -> Vec<Family> {
-        let rpc = |method: &'static str| {
+        let rpc = |rpc: Rpc| {
             vec![
                 ("rpc.system", "grpc".to_string()),
-                ("rpc.service", "odin.v1.Detector".to_string()),
-                ("rpc.method", method.to_string()),
+                ("rpc.service", rpc.service().to_string()),
+                ("rpc.method", rpc.name().to_string()),
             ]
         };
         let int = |labels, v: &AtomicU64| Point {
@@ -278,8 +293,11 @@ impl Metrics {
                 kind: Kind::Histogram,
                 help: "End-to-end latency of each frame, from arrival to verdict sent.",
                 points: vec![
-                    self.duration_detect.point(rpc("Detect")),
-                    self.duration_detect_one.point(rpc("DetectOne")),
+                    self.duration_detect.point(rpc(Rpc::Detect)),
+                    self.duration_detect_one.point(rpc(Rpc::DetectOne)),
+                    self.duration_model_infer.point(rpc(Rpc::ModelInfer)),
+                    self.duration_model_stream_infer
+                        .point(rpc(Rpc::ModelStreamInfer)),
                 ],
             },
             Family {
@@ -354,7 +372,7 @@ impl Metrics {
                 name: "odin.streams.open",
                 unit: "{stream}",
                 kind: Kind::Gauge,
-                help: "Detect streams open.",
+                help: "Detect and ModelStreamInfer streams open.",
                 points: vec![gauge(self.streams_open.load(Ordering::Relaxed))],
             },
             Family {
@@ -515,5 +533,40 @@ mod tests {
             assert_eq!(point.value, Value::Int(1), "{:?}", point.labels);
         }
         assert_eq!(m.frames(Outcome::Error), Reason::ALL.len() as u64);
+    }
+
+    #[test]
+    fn each_rpc_has_its_own_duration_series_under_its_service() {
+        let m = Metrics::default();
+        m.frame(Rpc::ModelInfer, Duration::ZERO, Outcome::In, None);
+        m.frame(Rpc::ModelInfer, Duration::ZERO, Outcome::Out, None);
+        m.frame(Rpc::ModelStreamInfer, Duration::ZERO, Outcome::In, None);
+        m.frame(Rpc::InProcess, Duration::ZERO, Outcome::In, None);
+        let families = m.families(Gauges::default());
+        let durations = families
+            .iter()
+            .find(|f| f.name == "rpc.server.duration")
+            .expect("duration family");
+        let counts: Vec<(String, String, u64)> = durations
+            .points
+            .iter()
+            .map(|p| {
+                let Value::Histogram(h) = &p.value else {
+                    panic!("a histogram")
+                };
+                (p.labels[1].1.clone(), p.labels[2].1.clone(), h.count)
+            })
+            .collect();
+        let kserve = "inference.GRPCInferenceService".to_string();
+        let odin = "odin.v1.Detector".to_string();
+        assert_eq!(
+            counts,
+            vec![
+                (odin.clone(), "Detect".into(), 0),
+                (odin, "DetectOne".into(), 0),
+                (kserve.clone(), "ModelInfer".into(), 2),
+                (kserve, "ModelStreamInfer".into(), 1),
+            ]
+        );
     }
 }

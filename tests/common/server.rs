@@ -106,6 +106,8 @@ pub struct TestServer {
     pub telemetry: Arc<Telemetry>,
     pub app_info: ModelInfo,
     pub pipeline: Arc<Pipeline>,
+    /// The readiness switch gRPC health, KServe readiness and `/readyz` report.
+    pub health: odin_sidecar::server::Health,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -115,6 +117,7 @@ impl TestServer {
         let app_info = app.info().clone();
         let pipeline = app.pipeline();
         let telemetry = app.telemetry();
+        let health = app.health();
         let metrics_listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -139,7 +142,15 @@ impl TestServer {
             telemetry,
             app_info,
             pipeline,
+            health,
             stop: Some(stop),
+        }
+    }
+
+    /// Starts the server's shutdown, as a SIGTERM would: it drains.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 

@@ -185,6 +185,21 @@ fn health_is_open_and_everything_else_needs_the_token() {
         auth.check("/odin.v1.Detector/DetectOne", &headers),
         Err(CallError::Unauthenticated)
     );
+    // KServe's probes are open too; its inference and metadata are not.
+    assert!(auth
+        .check("/inference.GRPCInferenceService/ModelReady", &headers)
+        .is_ok());
+    for path in [
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        "/inference.GRPCInferenceService/ModelMetadata",
+    ] {
+        assert_eq!(
+            auth.check(path, &headers),
+            Err(CallError::Unauthenticated),
+            "{path}"
+        );
+    }
     headers.insert(
         http::header::AUTHORIZATION,
         http::HeaderValue::from_static("Bearer t0k"),
@@ -211,6 +226,14 @@ fn a_draining_server_refuses_all_but_health() {
     assert!(draining
         .check("/grpc.health.v1.Health/Check", &none)
         .is_ok());
+    // KServe readiness answers `false` during a drain, inference does not start.
+    assert!(draining
+        .check("/inference.GRPCInferenceService/ServerReady", &none)
+        .is_ok());
+    assert_eq!(
+        draining.check("/inference.GRPCInferenceService/ModelInfer", &none),
+        Err(CallError::ShuttingDown)
+    );
 }
 
 #[test]
@@ -223,6 +246,11 @@ fn admission_limits_only_its_paths_and_frees_slots() {
         Some(CallError::Overloaded { limit: 1 })
     );
     assert!(admission.check("/odin.v1.Detector/Detect", &none).is_ok());
+    assert_eq!(
+        admission.check(UNARY_CALLS[1], &none).err(),
+        Some(CallError::Overloaded { limit: 1 }),
+        "ModelInfer shares the DetectOne slots"
+    );
     drop(first);
     assert!(admission.check(UNARY_CALLS[0], &none).is_ok());
 }
