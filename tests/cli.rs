@@ -195,9 +195,11 @@ fn odin_environment_variables_configure_what_is_served() {
     let info = info_json(&run(&["info", "--device", "cpu"], |c| {
         c.env("ODIN_CALIBRATION", &calibration);
     }));
+    // Named by file name and digest, never by its path on the server.
+    let digest = odin_sidecar::model::short_digest(&std::fs::read(&calibration).expect("read"));
     assert_eq!(
         info["scoring"]["threshold_source"],
-        calibration.display().to_string()
+        format!("calibration.json (sha256 {digest}…)")
     );
     assert_eq!(info["scoring"]["method"], builtin_calibration()["method"]);
 
@@ -405,8 +407,9 @@ async fn serve_with_no_model_serves_the_built_in_classifier() {
 async fn serve_listens_on_a_unix_socket() {
     let dir = TempDir::new("uds");
     let socket = dir.join("odin.sock");
-    // A stale socket file from an earlier run does not stop it.
-    std::fs::write(&socket, b"stale").expect("write");
+    // A stale socket from an earlier run (nobody listening) does not stop it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
     let serve = ServeProcess::start(
         &[
             "--uds",

@@ -93,17 +93,17 @@ async fn grpc_health_and_readyz_follow_the_one_switch() {
     assert!(s.health.is_ready());
     assert_eq!(readyz(s.http).await, 200);
     let serving = Ok(Wire::Serving as i32);
-    assert_eq!(grpc(&mut s.grpc).await, [serving, serving]);
+    assert_eq!(grpc(&mut s.grpc).await, [serving; 3]);
 
     s.health.not_serving().await;
     assert!(!s.health.is_ready());
     assert_eq!(readyz(s.http).await, 503);
     let not_serving = Ok(Wire::NotServing as i32);
-    assert_eq!(grpc(&mut s.grpc).await, [not_serving, not_serving]);
+    assert_eq!(grpc(&mut s.grpc).await, [not_serving; 3]);
 
     s.health.serving().await;
     assert_eq!(readyz(s.http).await, 200);
-    assert_eq!(grpc(&mut s.grpc).await, [serving, serving]);
+    assert_eq!(grpc(&mut s.grpc).await, [serving; 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
