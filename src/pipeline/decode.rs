@@ -268,7 +268,11 @@ impl Preprocessor {
         limits.max_image_height = Some(MAX_SIDE);
         // 8 bytes per pixel: 16-bit RGBA, the widest either format decodes to.
         limits.max_alloc = Some(self.max_pixels.saturating_mul(8));
-        reader.limits(limits.clone());
+        // The header is read without the side limits, so an oversized image
+        // is reported as IMAGE_TOO_LARGE with its size, not as a decode error.
+        let mut header = image::Limits::default();
+        header.max_alloc = limits.max_alloc;
+        reader.limits(header);
         let (width, height) = reader
             .into_dimensions()
             .map_err(|e| decode_error(&name, e))?;
