@@ -16,6 +16,7 @@ use odin_sidecar::loadgen::{self, LoadConfig, Mode, Pacing, Target};
 use odin_sidecar::model::Model;
 use odin_sidecar::pipeline::{Pipeline, Preprocessor};
 use odin_sidecar::score::Method;
+use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
 use odin_sidecar::wire::odin_v1::{frame::Image, Frame};
 use tokio_stream::StreamExt;
 
@@ -235,15 +236,17 @@ async fn at_the_default_sizes_a_stream_holds_64_frames_and_the_queue_256() {
     );
     assert!(one_stream >= 48, "the window filled only to {one_stream}");
 
-    // Eight streams of 100: the engine queue fills to 256 and holds there;
-    // the frames past it wait outside, and a unary call waits with them.
+    // Eight streams of 100 on one connection (one client): its engine
+    // queue fills to 256 and holds there; the frames past it wait outside,
+    // and a unary call on the same connection waits with them.
     let peaks = Peaks::watch(&pipeline);
+    let channel = server.channel().await;
     let mut streams = Vec::new();
     for s in 0..8u64 {
         let frames: Vec<Frame> = (0..100u64)
             .map(|i| raw_frame(format!("{s}-{i}"), s * 100 + i))
             .collect();
-        let client = server.client().await;
+        let client = DetectorClient::new(channel.clone());
         streams.push(tokio::spawn(
             async move { detect_all(client, frames).await },
         ));
@@ -254,9 +257,7 @@ async fn at_the_default_sizes_a_stream_holds_64_frames_and_the_queue_256() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let unary = server
-        .client()
-        .await
+    let unary = DetectorClient::new(channel.clone())
         .detect_one(raw_frame("unary", 7))
         .await
         .expect("a unary call waits for room instead of failing")
@@ -271,7 +272,7 @@ async fn at_the_default_sizes_a_stream_holds_64_frames_and_the_queue_256() {
     }
     let (in_flight, queued) = (peaks.in_flight(), peaks.queued());
     drop(peaks);
-    assert_eq!(queued, 256, "the engine queue holds 256 frames");
+    assert_eq!(queued, 256, "the client's engine queue holds 256 frames");
     assert!(in_flight <= 8 * 64 + 1, "{in_flight} frames in flight");
     assert!(
         in_flight > queued,
@@ -440,9 +441,11 @@ async fn loadgen_reports_consistent_counts_against_a_real_server() {
             Pacing::Closed { in_flight } => {
                 assert!(peak <= 4 * in_flight, "{case}: {peak} frames in flight")
             }
-            // The schedule spaces 306 frames 1/400 s apart.
+            // Each of the 4 senders spaces its frames 4/400 s apart, and one
+            // of them sends at least ⌈306 / 4⌉ = 77: its last is due at
+            // 76 × 4 / 400 s.
             Pacing::Open { rate } => assert!(
-                report.elapsed.as_secs_f64() >= 305.0 / rate,
+                report.elapsed.as_secs_f64() >= 76.0 * 4.0 / rate,
                 "{case}: done in {:?}",
                 report.elapsed
             ),
