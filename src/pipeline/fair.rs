@@ -76,11 +76,6 @@ impl FairPool {
             Err(_) => Slot { pool: None },
         }
     }
-
-    /// Clients waiting for a slot now.
-    pub fn waiting_clients(&self) -> usize {
-        lock(&self.state).turns.len()
-    }
 }
 
 impl Drop for Slot {
@@ -126,4 +121,74 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Starts a waiter for `client` that records its name when it gets a
+    /// slot, then holds it until the test lets go of `release`.
+    fn waiter(
+        pool: &FairPool,
+        client: u64,
+        name: &'static str,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> (tokio::task::JoinHandle<()>, oneshot::Sender<()>) {
+        let (release, held) = oneshot::channel::<()>();
+        let (pool, order) = (pool.clone(), Arc::clone(order));
+        let task = tokio::spawn(async move {
+            let _slot = pool.acquire(ClientId(client)).await;
+            order.lock().unwrap().push(name);
+            let _ = held.await;
+        });
+        (task, release)
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test]
+    async fn waiting_clients_are_served_in_turn_not_in_arrival_order() {
+        let pool = FairPool::new(1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let holder = pool.acquire(ClientId(0)).await;
+        // Client 1 queues three frames before client 2 queues one.
+        let mut waiting = Vec::new();
+        for (client, name) in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")] {
+            waiting.push(waiter(&pool, client, name, &order));
+            settle().await;
+        }
+        // Each waiter lets go as soon as it gets its slot.
+        let (tasks, releases): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
+        drop(releases);
+        drop(holder);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // b1 goes second: client 2's turn comes after client 1's first.
+        assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_leaves_gives_its_turn_back() {
+        let pool = FairPool::new(1);
+        let holder = pool.acquire(ClientId(0)).await;
+        let leaving = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let _slot = pool.acquire(ClientId(1)).await;
+            }
+        });
+        settle().await;
+        leaving.abort();
+        let _ = leaving.await;
+        drop(holder);
+        // The slot is free again, not lost to the waiter that left.
+        let again = tokio::time::timeout(Duration::from_secs(5), pool.acquire(ClientId(2)));
+        assert!(again.await.is_ok(), "the slot came back");
+    }
 }
