@@ -12,9 +12,7 @@ use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
 use crate::domain::{ModelInfo, ScoringInfo};
 use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
-use crate::pipeline::{
-    Batcher, DecodeLimits, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
-};
+use crate::pipeline::{Batcher, Pipeline, PipelineOptions, Preprocessor, ScoringOptions};
 use crate::server::tls::{TlsAcceptors, TlsError};
 use crate::server::{self, conn, stack, DetectorService, Health};
 use crate::telemetry::{ServedModel, Telemetry};
@@ -81,13 +79,8 @@ impl App {
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
         config.validate()?;
         let model = Model::load(&config.model)?;
-        let preprocessor = Preprocessor::with_limits(
-            &model.card.input,
-            DecodeLimits {
-                max_pixels: config.max_pixels,
-                tensor_range: config.tensor_range,
-            },
-        );
+        let preprocessor = preprocessor(&model, config);
+        crate::pipeline::decode::log_backend();
         let (engines, model) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || {
@@ -323,8 +316,13 @@ pub fn offline_engine(config: &ServeConfig) -> Result<(Model, Engine, Preprocess
     let model = Model::load(&config.model)?;
     let gradient = gradient_graph(&model, config)?;
     let engine = Engine::load(&model, gradient.as_deref(), &config.engine)?;
-    let preprocessor = Preprocessor::new(&model.card.input);
+    let preprocessor = preprocessor(&model, config);
     Ok((model, engine, preprocessor))
+}
+
+/// The model's preprocessor under the configured limits and decode options.
+pub fn preprocessor(model: &Model, config: &ServeConfig) -> Preprocessor {
+    Preprocessor::with_options(&model.card.input, config.decode_limits(), config.decode)
 }
 
 /// The ODIN gradient graph of `model`, derived at start-up. A model the
@@ -403,7 +401,10 @@ fn model_info(model: &Model, engine: &Engine, config: &ServeConfig) -> ModelInfo
         input_shape: shape.input_shape.clone(),
         input_layout: "NCHW".into(),
         labels: card.labels.clone(),
-        preprocessing: card.input.clone(),
+        preprocessing: crate::model::card::InputSpec {
+            resize: config.decode.resize.unwrap_or(card.input.resize),
+            ..card.input.clone()
+        },
         execution_provider: engine.provider().to_string(),
         scoring: ScoringInfo {
             method: config.method.to_string(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
+use crate::pipeline::decode::DecodeOptions;
 use crate::pipeline::{order, BatchOptions, OverrideBounds};
 use crate::score::Method;
 use crate::telemetry::OtlpConfig;
@@ -195,6 +196,9 @@ pub struct ServeConfig {
     pub stream_window: usize,
     /// Concurrent decodes (the bounded decode pool).
     pub decode_threads: usize,
+    /// Decode path and resize filter overrides (defaults: the fast path,
+    /// the card's filter).
+    pub decode: DecodeOptions,
     /// Unary calls in flight beyond which `DetectOne` answers
     /// RESOURCE_EXHAUSTED (0 = no limit: unary callers then wait in the queue).
     pub max_unary_in_flight: usize,
@@ -236,6 +240,7 @@ impl Default for ServeConfig {
             bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
             decode_threads: DEFAULT_DECODE_THREADS,
+            decode: DecodeOptions::default(),
             max_unary_in_flight: 0,
             otlp: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
@@ -252,8 +257,8 @@ impl ServeConfig {
     /// setting and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if self.workers == 0 || self.batch.max_batch == 0 {
-            return bad("workers and max batch must be at least 1".into());
+        if self.workers == 0 || self.batch.max_batch == 0 || self.decode_threads == 0 {
+            return bad("workers, max batch and decode threads must be at least 1".into());
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0, got {}", self.temperature));
@@ -277,6 +282,14 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// What a frame may make the decoder do.
+    pub fn decode_limits(&self) -> crate::pipeline::DecodeLimits {
+        crate::pipeline::DecodeLimits {
+            max_pixels: self.max_pixels,
+            tensor_range: self.tensor_range,
+        }
     }
 
     /// The scoring of frames that carry no override.

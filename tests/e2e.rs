@@ -39,10 +39,7 @@ async fn every_image_form_gets_the_models_own_answer() {
     for (set, i, px) in pixels {
         let forms: Vec<(&str, Image, Vec<u8>)> = {
             let jpeg = encode(px, 32, 32, image::ImageFormat::Jpeg);
-            let decoded_jpeg = image::load_from_memory(&jpeg)
-                .expect("decodes")
-                .to_rgb8()
-                .into_raw();
+            let decoded_jpeg = reference_jpeg_decode(&jpeg);
             vec![
                 ("jpeg", Image::Encoded(jpeg), decoded_jpeg),
                 (
@@ -229,6 +226,109 @@ async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
     );
     let png = &verdicts[3].error.as_ref().expect("error").message;
     assert!(png.contains("16x16") && png.contains("32x32"), "{png}");
+}
+
+/// Overwrites the size declared in a JPEG's SOF0 segment.
+fn claim_size(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
+    let at = jpeg
+        .windows(2)
+        .position(|m| m == [0xFF, 0xC0])
+        .expect("SOF0");
+    jpeg[at + 5..at + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[at + 7..at + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_size_jpegs_are_judged_and_checked_on_their_declared_size() {
+    let mut config = resnet20();
+    config.decode.resize = Some(odin_sidecar::model::Resize::Area);
+    config.max_pixels = 1_000_000;
+    let server = TestServer::start(config.clone()).await;
+    let model = odin_sidecar::model::Model::load(&config.model).expect("model");
+    let pre = odin_sidecar::app::preprocessor(&model, &config);
+    let mut engine = reference_engine(&config);
+
+    // CIFAR-10 images upscaled to 1280x720: decoded at 1/4 scale (320x180).
+    let cifar = cifar10_test();
+    let camera = |i: usize| {
+        let img = image::RgbImage::from_raw(32, 32, cifar.pixels(i).to_vec()).expect("dims");
+        image::imageops::resize(&img, 1280, 720, image::imageops::FilterType::CatmullRom).into_raw()
+    };
+    let mut frames = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..6 {
+        let px = camera(i);
+        let jpeg = if i % 2 == 0 || !tjdecode::AVAILABLE {
+            encode(&px, 1280, 720, image::ImageFormat::Jpeg)
+        } else {
+            tjdecode::compress(
+                &px,
+                1280,
+                720,
+                tjdecode::PixelFormat::Rgb,
+                85,
+                tjdecode::Subsampling::S420,
+                i == 3,
+            )
+            .expect("encodes")
+        };
+        let tensor = pre
+            .tensor(Some(&odin_sidecar::domain::ImageInput::Encoded(
+                jpeg.clone(),
+            )))
+            .expect("decodes");
+        expected.push(engine.logits(&tensor, 1).expect("runs"));
+        frames.push(frame(format!("cam-{i}"), Image::Encoded(jpeg)));
+    }
+    let good = encode(&camera(0), 1280, 720, image::ImageFormat::Jpeg);
+    frames.push(frame(
+        "over-budget".into(),
+        Image::Encoded(claim_size(good.clone(), 1600, 1200)),
+    ));
+    // Far too short for 1280x720: refused before decoding, with either JPEG
+    // backend (the decoder tests cover cuts libjpeg-turbo reports itself).
+    frames.push(frame(
+        "truncated".into(),
+        Image::Encoded([&good[..3000], &[0xFF, 0xD9][..]].concat()),
+    ));
+    let mut liar = claim_size(good[..2000].to_vec(), 1000, 1000);
+    liar.extend_from_slice(&[0xFF, 0xD9]);
+    frames.push(frame("liar".into(), Image::Encoded(liar)));
+
+    let verdicts = detect_all(&server, frames).await;
+    for (v, logits) in verdicts.iter().zip(&expected) {
+        assert!(v.error.is_none(), "{}: {:?}", v.frame_id, v.error);
+        assert_eq!(v.predicted_class as usize, argmax(logits), "{}", v.frame_id);
+        let want = reference_max_softmax(logits);
+        assert!(
+            (f64::from(v.max_softmax) - want).abs() < 1e-5,
+            "{}",
+            v.frame_id
+        );
+    }
+    let reasons: Vec<(&str, String)> = verdicts[6..]
+        .iter()
+        .map(|v| {
+            let e = v.error.as_ref().expect("an error verdict");
+            (v.frame_id.as_str(), e.reason.clone())
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("over-budget", "IMAGE_TOO_LARGE".to_string()),
+            ("truncated", "DECODE_FAILED".to_string()),
+            ("liar", "DECODE_FAILED".to_string()),
+        ]
+    );
+    let over = &verdicts[6].error.as_ref().expect("error").message;
+    assert!(
+        over.contains("1600x1200") && over.contains("1000000"),
+        "{over}"
+    );
+    let liar = &verdicts[8].error.as_ref().expect("error").message;
+    assert!(liar.contains("implausibly short"), "{liar}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,6 +186,23 @@ pub fn encode(pixels: &[u8], width: u32, height: u32, format: image::ImageFormat
     out
 }
 
+/// Full-size RGB of a JPEG, decoded by the library the sidecar decodes with
+/// (libjpeg-turbo when linked, else jpeg-decoder), called directly: the
+/// independent reference for frames the model takes at their own size.
+pub fn reference_jpeg_decode(jpeg: &[u8]) -> Vec<u8> {
+    let mut decoder = jpeg_decoder::Decoder::new(jpeg);
+    decoder.read_info().expect("a JPEG header");
+    let info = decoder.info().expect("frame info");
+    if tjdecode::AVAILABLE {
+        let (w, h) = (u32::from(info.width), u32::from(info.height));
+        let mut out = vec![0; (w * h * 3) as usize];
+        tjdecode::decompress(jpeg, w, h, tjdecode::PixelFormat::Rgb, &mut out).expect("decodes");
+        return out;
+    }
+    assert_eq!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24);
+    decoder.decode().expect("decodes")
+}
+
 /// Streams `frames` on one Detect call of `client` and collects every verdict.
 pub async fn detect_all(
     mut client: DetectorClient<Channel>,
