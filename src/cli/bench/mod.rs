@@ -8,10 +8,14 @@
 //! - `bench serve`: the sidecar as a separate process on loopback, driven by
 //!   `loadgen`: end-to-end frames/s against the engine's in-process limit,
 //!   open-loop p99 at half the saturating rate, and the server's peak RSS.
+//! - `bench camera`: camera-size JPEG frames (32×32 to 1080p): the decode
+//!   stage in-process on one thread (fast vs legacy path), and end-to-end
+//!   ODIN frames/s over gRPC per size and per thread split.
 //! - `bench tracing`: the cost of tracing every frame — end-to-end frames/s
 //!   over gRPC with spans off vs on (always_on, exported over OTLP/gRPC to a
 //!   receiver), two in-process servers driven in turn by `loadgen`.
 
+mod camera;
 mod engine;
 mod serve;
 mod tracing;
@@ -21,6 +25,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+pub use camera::CameraBench;
 pub use engine::EngineBench;
 pub use serve::ServeBench;
 pub use tracing::TracingBench;
@@ -42,6 +47,8 @@ pub enum Which {
     Serve(ServeBench),
     /// End-to-end frames/s with per-frame tracing off vs on.
     Tracing(TracingBench),
+    /// Camera-size JPEG frames: decode stage in-process and end to end, per size and thread split.
+    Camera(CameraBench),
 }
 
 /// Runs `bench`.
@@ -50,6 +57,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Which::Engine(bench) => tokio::task::spawn_blocking(move || engine::run(&bench)).await?,
         Which::Serve(bench) => serve::run(&bench).await,
         Which::Tracing(bench) => tracing::run(&bench).await,
+        Which::Camera(bench) => camera::run(&bench).await,
     }
 }
 

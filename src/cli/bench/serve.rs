@@ -75,7 +75,7 @@ async fn parallel_engines(
 }
 
 /// The model flags of `args` as command-line words, for the server process.
-fn model_flags(args: &ModelArgs) -> Vec<String> {
+pub(super) fn model_flags(args: &ModelArgs) -> Vec<String> {
     let mut flags = vec![
         "--device".to_string(),
         format!("{:?}", args.device).to_lowercase(),
@@ -113,42 +113,25 @@ fn model_flags(args: &ModelArgs) -> Vec<String> {
     flags
 }
 
-/// Peak resident set size (VmHWM) of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+/// A sidecar started as its own process by a benchmark, serving on a
+/// loopback port; killed when dropped.
+pub(super) struct Server {
+    /// Its process (kept so it is killed on drop).
+    pub child: tokio::process::Child,
+    /// Its process id.
+    pub pid: u32,
+    /// The address it serves on.
+    pub addr: String,
 }
 
-/// Runs `bench serve`.
-pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
-    use crate::loadgen::{self, LoadConfig, Mode, Pacing, Target};
-
-    // 1. The engine's limit, in-process: best ODIN frames/s over batch sizes.
-    let limit = {
-        let config = args.model.config()?;
-        let mut best = (0, 0.0);
-        for batch in [1usize, 8, 32, 128] {
-            let fps = parallel_engines(&config, batch).await?;
-            println!(
-                "engine in-process, {} worker(s), batch {batch:>3}: {fps:>7.0} frames/s",
-                config.workers
-            );
-            if fps > best.1 {
-                best = (batch, fps);
-            }
-        }
-        best
-    };
-
-    // 2. The server as its own process, so its RSS is its own.
+/// Starts `odin-sidecar serve --addr 127.0.0.1:0 FLAGS...` and waits until it
+/// serves (its log line names the address); its later log lines are drained.
+pub(super) async fn start_server(flags: &[String]) -> anyhow::Result<Server> {
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
         .arg("serve")
         .args(["--addr", "127.0.0.1:0"])
-        .args(model_flags(&args.model))
-        .args(args.server_flags.split_whitespace())
+        .args(flags)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -181,6 +164,46 @@ pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Server { child, pid, addr })
+}
+
+/// Peak resident set size (VmHWM) of a process, in MiB.
+pub(super) fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `bench serve`.
+pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
+    use crate::loadgen::{self, LoadConfig, Mode, Pacing, Target};
+
+    // 1. The engine's limit, in-process: best ODIN frames/s over batch sizes.
+    let limit = {
+        let config = args.model.config()?;
+        let mut best = (0, 0.0);
+        for batch in [1usize, 8, 32, 128] {
+            let fps = parallel_engines(&config, batch).await?;
+            println!(
+                "engine in-process, {} worker(s), batch {batch:>3}: {fps:>7.0} frames/s",
+                config.workers
+            );
+            if fps > best.1 {
+                best = (batch, fps);
+            }
+        }
+        best
+    };
+
+    // 2. The server as its own process, so its RSS is its own.
+    let mut flags = model_flags(&args.model);
+    flags.extend(args.server_flags.split_whitespace().map(String::from));
+    let Server {
+        mut child,
+        pid,
+        addr,
+    } = start_server(&flags).await?;
 
     let set = crate::dataset::RawSet::open(&args.data)?;
     let pool: Arc<Vec<odin_v1::Frame>> = Arc::new(
