@@ -25,7 +25,7 @@ pub enum FrameError {
         detail: String,
     },
     /// The image is not the model's size and the card forbids resizing.
-    #[error("image is {width}x{height} but the model takes {want_width}x{want_height} and its card sets resize = \"none\"")]
+    #[error("image is {width}x{height} but the model takes {want_width}x{want_height} and resizing is off (resize = \"none\")")]
     SizeMismatch {
         /// Width of the frame.
         width: u32,

@@ -153,7 +153,9 @@ async fn eight_concurrent_streams_of_100_frames_each_stay_whole_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
-    let server = TestServer::start(resnet20()).await;
+    let mut config = resnet20();
+    config.decode.resize = Some(odin_sidecar::model::Resize::None);
+    let server = TestServer::start(config).await;
     let cifar = cifar10_test();
     let good = |i: usize| frame(format!("good-{i}"), Image::Raw(cifar.raw(i).into()));
     let mut corrupt = encode(cifar.pixels(0), 32, 32, image::ImageFormat::Jpeg);
@@ -362,7 +364,7 @@ async fn detect_one_and_model_info_answer_unary_calls() {
     let pre = info.preprocessing.expect("preprocessing");
     assert_eq!(
         (pre.height, pre.width, pre.resize.as_str()),
-        (32, 32, "none")
+        (32, 32, "area")
     );
     assert_eq!(info.scoring.expect("scoring").method, "msp");
 }
