@@ -29,6 +29,7 @@ use crate::calib::sets::SplitMix64;
 use crate::cli::ModelArgs;
 use crate::dataset::{shared_data_dir, RawSet};
 use crate::domain::ImageInput;
+use crate::model::Resize;
 use crate::pipeline::decode::{jpeg_scale, probe, DecodeOptions, DecodePath, JpegBackend};
 use crate::pipeline::Preprocessor;
 use crate::wire::odin_v1;
@@ -343,12 +344,14 @@ pub async fn run(args: &CameraBench) -> anyhow::Result<ExitCode> {
     let config = args.model.config()?;
     let model = crate::model::Model::load(&config.model)?;
     let fast = crate::app::preprocessor(&model, &config);
+    // The old path: full-resolution decode, then image's f32 Triangle.
     let legacy = Preprocessor::with_options(
         &model.card.input,
         config.decode_limits(),
         DecodeOptions {
             path: DecodePath::Legacy,
-            ..config.decode
+            resize: Some(Resize::Bilinear),
+            jpeg: None,
         },
     );
     let (w, h) = fast.input_size();
@@ -401,7 +404,7 @@ pub async fn run(args: &CameraBench) -> anyhow::Result<ExitCode> {
     }
     let label = |(split, path): &(Split, DecodePath)| match path {
         DecodePath::Fast => split.to_string(),
-        DecodePath::Legacy => format!("{split} --decode legacy"),
+        DecodePath::Legacy => format!("{split} --decode legacy --resize bilinear (the old path)"),
     };
     let mut runs = vec![vec![Vec::<Run>::new(); sets.len()]; splits.len()];
     let mut rss = vec![None; splits.len()];
@@ -418,7 +421,11 @@ pub async fn run(args: &CameraBench) -> anyhow::Result<ExitCode> {
                 "--decode".into(),
                 path.as_str().into(),
             ]);
-            if let Some(resize) = args.model.resize {
+            let resize = match path {
+                DecodePath::Legacy => Some(Resize::Bilinear),
+                DecodePath::Fast => args.model.resize,
+            };
+            if let Some(resize) = resize {
                 flags.extend(["--resize".into(), resize.as_str().into()]);
             }
             servers.push(start_server(&flags).await?);
@@ -489,69 +496,71 @@ pub async fn run(args: &CameraBench) -> anyhow::Result<ExitCode> {
         x.get(x.len() / 2).copied().unwrap_or(0.0)
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    for (s, contender) in splits.iter().enumerate() {
-        println!();
-        if !args.no_serve {
-            println!(
-                "server: {label}; {} streams × {} in flight, {} rounds of {} s, medians; peak RSS {}",
-                args.streams,
-                args.in_flight,
-                args.rounds,
-                args.seconds,
-                rss[s].map_or("unavailable".into(), |r| format!("{r:.0} MiB")),
-                label = label(contender),
-            );
+    let serve = |text: String| {
+        if args.no_serve {
+            "—".to_string()
+        } else {
+            text
         }
-        println!("| frame | JPEG | DCT scale | decode stage, 1 thread (fast) | (legacy) | end-to-end ODIN frames/s | median decode per frame (verdicts) | frames/s ÷ {} |", sets[0].size);
-        println!("|---|---|---|---|---|---|---|---|");
-        let base = med(&runs[s][0], |r| r.fps);
-        for (k, set) in sets.iter().enumerate() {
-            let (f, l, scale) = &micro[k];
-            let fps = med(&runs[s][k], |r| r.fps);
-            let errors: u64 = runs[s][k].iter().map(|r| r.errors).sum();
-            println!(
-                "| {} | {:.0} KiB | {scale} | {:.2} ms | {:.2} ms | {} | {} | {} |",
-                set.size,
-                set.mean_kib(),
-                ms(*f),
-                ms(*l),
-                if args.no_serve {
-                    "—".to_string()
-                } else if errors > 0 {
-                    format!("{fps:.0} ({errors} errors)")
-                } else {
-                    format!("{fps:.0}")
-                },
-                if args.no_serve {
-                    "—".to_string()
-                } else {
-                    format!("{:.2} ms", med(&runs[s][k], |r| r.decode_us) / 1000.0)
-                },
-                if args.no_serve || base == 0.0 {
-                    "—".to_string()
-                } else {
-                    format!("{:.2}", fps / base)
-                },
-            );
-        }
+    };
+    println!();
+    if !args.no_serve {
+        println!(
+            "server: {}; {} streams × {} in flight, {} rounds of {} s, medians; peak RSS {}",
+            label(&splits[0]),
+            args.streams,
+            args.in_flight,
+            args.rounds,
+            args.seconds,
+            rss[0].map_or("unavailable".into(), |r| format!("{r:.0} MiB")),
+        );
+    }
+    println!(
+        "| frame | JPEG | DCT scale | decode stage, 1 thread | old path, 1 thread | end-to-end ODIN frames/s | median decode per frame (verdicts) | frames/s ÷ {} |",
+        sets[0].size
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let base = med(&runs[0][0], |r| r.fps);
+    for (k, set) in sets.iter().enumerate() {
+        let (f, l, scale) = &micro[k];
+        let fps = med(&runs[0][k], |r| r.fps);
+        let errors: u64 = runs[0][k].iter().map(|r| r.errors).sum();
+        println!(
+            "| {} | {:.0} KiB | {scale} | {:.2} ms | {:.2} ms | {} | {} | {} |",
+            set.size,
+            set.mean_kib(),
+            ms(*f),
+            ms(*l),
+            serve(if errors > 0 {
+                format!("{fps:.0} ({errors} errors)")
+            } else {
+                format!("{fps:.0}")
+            }),
+            serve(format!(
+                "{:.2} ms",
+                med(&runs[0][k], |r| r.decode_us) / 1000.0
+            )),
+            serve(if base == 0.0 {
+                "—".to_string()
+            } else {
+                format!("{:.2}", fps / base)
+            }),
+        );
     }
     if splits.len() > 1 && !args.no_serve {
-        println!(
-            "\n| split | {} |",
-            sets.iter()
-                .map(|s| s.size.to_string())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        println!("|---|{}", "---|".repeat(sets.len()));
+        println!("\nend-to-end ODIN frames/s, medians:\n");
+        let sizes: Vec<String> = sets.iter().map(|s| s.size.to_string()).collect();
+        println!("| server | {} | peak RSS |", sizes.join(" | "));
+        println!("|---|{}---|", "---|".repeat(sets.len()));
         for (s, contender) in splits.iter().enumerate() {
+            let fps: Vec<String> = (0..sets.len())
+                .map(|k| format!("{:.0}", med(&runs[s][k], |r| r.fps)))
+                .collect();
             println!(
-                "| `{}` | {} |",
+                "| `{}` | {} | {} |",
                 label(contender),
-                (0..sets.len())
-                    .map(|k| format!("{:.0}", med(&runs[s][k], |r| r.fps)))
-                    .collect::<Vec<_>>()
-                    .join(" | ")
+                fps.join(" | "),
+                rss[s].map_or("—".into(), |r| format!("{r:.0} MiB")),
             );
         }
     }
@@ -591,14 +600,14 @@ mod tests {
             what: "",
         };
         let size = Size {
-            width: 320,
-            height: 240,
+            width: 960,
+            height: 540,
         };
-        let jpeg = encode(&mosaic(&tiles, size, 80, 0), size, 85).expect("encodes");
+        let jpeg = encode(&mosaic(&tiles, size, 96, 0), size, 85).expect("encodes");
         let header = probe(&jpeg).expect("a JPEG");
-        assert_eq!((header.width, header.height), (320, 240));
-        // Neither flat nor noise: between 0.5 and 4 bits per pixel.
-        let bits = jpeg.len() as f64 * 8.0 / f64::from(320 * 240);
+        assert_eq!((header.width, header.height), (960, 540));
+        // Neither flat nor noise: 1.5 bits per pixel is a 400 KB 1080p frame.
+        let bits = jpeg.len() as f64 * 8.0 / f64::from(960 * 540);
         assert!((0.5..4.0).contains(&bits), "{bits} bits per pixel");
     }
 }
