@@ -28,8 +28,16 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 pub const DEFAULT_WORKERS: usize = 2;
 /// Intra-op threads per session (see `DEFAULT_WORKERS`).
 pub const DEFAULT_INTRA_THREADS: usize = 1;
-/// Concurrent decodes: JPEG/PNG decoding of camera frames is cheap next to
-/// the model, so a couple of threads keep up with the engine.
+/// Concurrent decodes (`--decode-threads`, `ODIN_DECODE_THREADS`). Decoders
+/// and engine workers share the cores; measured with `bench camera --split`
+/// on 2 CPU cores (README, "Thread split"), one decoder per core is best or
+/// within noise of the best at every frame size: a 1080p JPEG takes about
+/// 2.9 ms to decode, twice the built-in model's ODIN work per frame, and one
+/// decoder capped 1080p at 255 frames/s against 317 with two; three or four
+/// only time-slice the same cores (287 and 329, within the run's noise, and
+/// slower at 640×480). With [`DEFAULT_WORKERS`] engine workers that is
+/// one decoder and one single-threaded worker per core. On a machine with
+/// more cores, give it one per core.
 pub const DEFAULT_DECODE_THREADS: usize = 2;
 /// Decision threshold used when none is configured. Uncalibrated: run
 /// `calibrate` for a threshold at a chosen true-positive rate.
