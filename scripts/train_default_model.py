@@ -420,7 +420,8 @@ def export_and_verify(args, params, state, x_test, y_test, train_info: dict) -> 
     card = {
         "name": "cifar10_cnn",
         "version": "1",
-        "input": {"height": 32, "width": 32, "channels": 3, "channel_order": "RGB", "resize": "bilinear",
+        # "area": measured on camera-size CIFAR-10 frames (README, Camera-size frames).
+        "input": {"height": 32, "width": 32, "channels": 3, "channel_order": "RGB", "resize": "area",
                   "mean": list(MEAN), "std": list(STD)},
         "labels": LABELS,
         "odin": {"temperature": 1000.0, "epsilon": 0.0014},

@@ -13,7 +13,7 @@ use crate::domain::{ModelInfo, ScoringInfo, Versions};
 use crate::engine::{Device, Engine, EngineError, Provider};
 use crate::model::{Model, ModelError};
 use crate::pipeline::{
-    Batcher, DecodeLimits, Generation, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
+    Batcher, Generation, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
 };
 use crate::server::tls::{TlsAcceptors, TlsError};
 use crate::server::{self, conn, stack, DetectorService, Health, InferenceService};
@@ -85,6 +85,7 @@ impl App {
         config.validate()?;
         let mut config = config.clone();
         let calibration = config.apply_calibration()?;
+        crate::pipeline::decode::log_backend();
         let loaded = Loaded::load(&config).await?;
         let provider = loaded.engines[0].provider();
         if config.engine.device == Device::Auto && provider == Provider::Cpu {
@@ -364,16 +365,6 @@ impl Loaded {
     }
 }
 
-fn preprocessor(model: &Model, config: &ServeConfig) -> Preprocessor {
-    Preprocessor::with_limits(
-        &model.card.input,
-        DecodeLimits {
-            max_pixels: config.max_pixels,
-            tensor_range: config.tensor_range,
-        },
-    )
-}
-
 fn scoring_options(config: &ServeConfig, can_perturb: bool) -> ScoringOptions {
     ScoringOptions {
         scoring: config.scoring(),
@@ -521,8 +512,13 @@ pub fn offline_engine(config: &ServeConfig) -> Result<(Model, Engine, Preprocess
     let model = Model::load(&config.model)?;
     let gradient = gradient_graph(&model, config)?;
     let engine = Engine::load(&model, gradient.as_deref(), &config.engine)?;
-    let preprocessor = Preprocessor::new(&model.card.input);
+    let preprocessor = preprocessor(&model, config);
     Ok((model, engine, preprocessor))
+}
+
+/// The model's preprocessor under the configured limits and decode options.
+pub fn preprocessor(model: &Model, config: &ServeConfig) -> Preprocessor {
+    Preprocessor::with_options(&model.card.input, config.decode_limits(), config.decode)
 }
 
 /// The ODIN gradient graph of `model`, derived at start-up. A model the
@@ -607,7 +603,10 @@ fn model_info(
         input_shape: shape.input_shape.clone(),
         input_layout: "NCHW".into(),
         labels: card.labels.clone(),
-        preprocessing: card.input.clone(),
+        preprocessing: crate::model::card::InputSpec {
+            resize: config.decode.resize.unwrap_or(card.input.resize),
+            ..card.input.clone()
+        },
         execution_provider: engine.provider().to_string(),
         scoring: scoring_info(config, engine.can_perturb()),
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
+use crate::pipeline::decode::DecodeOptions;
 use crate::pipeline::{order, BatchOptions, OverrideBounds};
 use crate::score::Method;
 use crate::telemetry::OtlpConfig;
@@ -28,8 +29,16 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 pub const DEFAULT_WORKERS: usize = 2;
 /// Intra-op threads per session (see `DEFAULT_WORKERS`).
 pub const DEFAULT_INTRA_THREADS: usize = 1;
-/// Concurrent decodes: JPEG/PNG decoding of camera frames is cheap next to
-/// the model, so a couple of threads keep up with the engine.
+/// Concurrent decodes (`--decode-threads`, `ODIN_DECODE_THREADS`). Decoders
+/// and engine workers share the cores; measured with `bench camera --split`
+/// on 2 CPU cores (README, "Thread split"), one decoder per core is best or
+/// within noise of the best at every frame size: a 1080p JPEG takes about
+/// 2.9 ms to decode, twice the built-in model's ODIN work per frame, and one
+/// decoder capped 1080p at 255 frames/s against 317 with two; three or four
+/// only time-slice the same cores (287 and 329, within the run's noise, and
+/// slower at 640×480). With [`DEFAULT_WORKERS`] engine workers that is
+/// one decoder and one single-threaded worker per core. On a machine with
+/// more cores, give it one per core.
 pub const DEFAULT_DECODE_THREADS: usize = 2;
 /// Decision threshold used when none is configured. Uncalibrated: run
 /// `calibrate` for a threshold at a chosen true-positive rate.
@@ -210,6 +219,9 @@ pub struct ServeConfig {
     pub stream_window: usize,
     /// Concurrent decodes (the bounded decode pool).
     pub decode_threads: usize,
+    /// Decode path and resize filter overrides (defaults: the fast path,
+    /// the card's filter).
+    pub decode: DecodeOptions,
     /// Unary calls in flight beyond which `DetectOne` and `ModelInfer` answer
     /// RESOURCE_EXHAUSTED (0 = no limit: unary callers then wait in the queue).
     pub max_unary_in_flight: usize,
@@ -252,6 +264,7 @@ impl Default for ServeConfig {
             bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
             decode_threads: DEFAULT_DECODE_THREADS,
+            decode: DecodeOptions::default(),
             max_unary_in_flight: 0,
             otlp: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
@@ -268,8 +281,8 @@ impl ServeConfig {
     /// setting and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if self.workers == 0 || self.batch.max_batch == 0 {
-            return bad("workers and max batch must be at least 1".into());
+        if self.workers == 0 || self.batch.max_batch == 0 || self.decode_threads == 0 {
+            return bad("workers, max batch and decode threads must be at least 1".into());
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0, got {}", self.temperature));
@@ -332,6 +345,14 @@ impl ServeConfig {
         self.threshold = calibration.threshold;
         self.threshold_source = source;
         Ok(version)
+    }
+
+    /// What a frame may make the decoder do.
+    pub fn decode_limits(&self) -> crate::pipeline::DecodeLimits {
+        crate::pipeline::DecodeLimits {
+            max_pixels: self.max_pixels,
+            tensor_range: self.tensor_range,
+        }
     }
 
     /// The scoring of frames that carry no override.

@@ -19,13 +19,13 @@ pub enum FrameError {
     /// The encoded bytes are not a JPEG or PNG the decoder accepts.
     #[error("cannot decode image ({format}): {detail}")]
     Decode {
-        /// The format that was guessed from the bytes, or "unknown".
+        /// The format that was guessed from the bytes, or the sniffed name of a format that is not accepted.
         format: String,
         /// The decoder's own message.
         detail: String,
     },
     /// The image is not the model's size and the card forbids resizing.
-    #[error("image is {width}x{height} but the model takes {want_width}x{want_height} and its card sets resize = \"none\"")]
+    #[error("image is {width}x{height} but the model takes {want_width}x{want_height} and resizing is off (resize = \"none\")")]
     SizeMismatch {
         /// Width of the frame.
         width: u32,

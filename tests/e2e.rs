@@ -206,12 +206,12 @@ async fn bad_frames_get_their_own_errors_and_the_stream_goes_on() {
         (
             frame("corrupt-jpeg", Image::Encoded(corrupt)),
             "DECODE_FAILED",
-            vec!["Jpeg"],
+            vec!["JPEG"],
         ),
         (
             frame("gif", Image::Encoded(b"GIF89a\x01\x00\x01\x00".to_vec())),
             "DECODE_FAILED",
-            vec!["Gif", "JPEG and PNG"],
+            vec!["GIF", "JPEG and PNG"],
         ),
         (
             frame(
@@ -480,7 +480,7 @@ async fn resnet20_model_info_reports_its_card_and_model() {
     let pre = info.preprocessing.expect("preprocessing");
     assert_eq!(
         (pre.height, pre.width, pre.resize.as_str()),
-        (32, 32, "none")
+        (32, 32, "area")
     );
     assert_eq!(pre.std, STD);
 }
@@ -908,4 +908,106 @@ async fn a_model_without_a_gradient_graph_serves_msp_and_refuses_perturbation_pe
             v.score
         );
     }
+}
+
+/// Overwrites the size declared in a JPEG's SOF0 segment.
+fn claim_size(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
+    let at = jpeg
+        .windows(2)
+        .position(|m| m == [0xFF, 0xC0])
+        .expect("SOF0");
+    jpeg[at + 5..at + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[at + 7..at + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_size_jpegs_are_judged_and_checked_on_their_declared_size() {
+    let mut config = builtin();
+    config.decode.resize = Some(odin_sidecar::model::Resize::Area);
+    config.max_pixels = 1_000_000;
+    let server = TestServer::start(config.clone()).await;
+    let model = odin_sidecar::model::Model::load(&config.model).expect("model");
+    let pre = odin_sidecar::app::preprocessor(&model, &config);
+    let mut engine = reference_engine(&config);
+
+    // 32x32 pictures upscaled to 1280x720: decoded at 1/4 scale (320x180).
+    let camera = |i: u64| {
+        let img = image::RgbImage::from_raw(32, 32, synthetic32(i)).expect("dims");
+        image::imageops::resize(&img, 1280, 720, image::imageops::FilterType::CatmullRom).into_raw()
+    };
+    let mut frames = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..6u64 {
+        let px = camera(i);
+        let jpeg = if i % 2 == 0 || !tjdecode::AVAILABLE {
+            encode(&px, 1280, 720, image::ImageFormat::Jpeg)
+        } else {
+            tjdecode::compress(
+                &px,
+                1280,
+                720,
+                tjdecode::PixelFormat::Rgb,
+                85,
+                tjdecode::Subsampling::S420,
+                i == 3,
+            )
+            .expect("encodes")
+        };
+        let tensor = pre
+            .tensor(Some(&odin_sidecar::domain::ImageInput::Encoded(
+                jpeg.clone(),
+            )))
+            .expect("decodes");
+        expected.push(engine.logits(&tensor, 1).expect("runs"));
+        frames.push(frame(format!("cam-{i}"), Image::Encoded(jpeg)));
+    }
+    let good = encode(&camera(0), 1280, 720, image::ImageFormat::Jpeg);
+    frames.push(frame(
+        "over-budget",
+        Image::Encoded(claim_size(good.clone(), 1600, 1200)),
+    ));
+    // Far too short for 1280x720: refused before decoding, with either JPEG
+    // backend (the decoder tests cover cuts libjpeg-turbo reports itself).
+    frames.push(frame(
+        "truncated",
+        Image::Encoded([&good[..3000], &[0xFF, 0xD9][..]].concat()),
+    ));
+    let mut liar = claim_size(good[..2000].to_vec(), 1000, 1000);
+    liar.extend_from_slice(&[0xFF, 0xD9]);
+    frames.push(frame("liar", Image::Encoded(liar)));
+
+    let verdicts = detect(&server, frames).await;
+    for (v, logits) in verdicts.iter().zip(&expected) {
+        assert!(v.error.is_none(), "{}: {:?}", v.frame_id, v.error);
+        assert_eq!(v.predicted_class as usize, argmax(logits), "{}", v.frame_id);
+        let want = reference_max_softmax(logits, 1.0);
+        assert!(
+            (f64::from(v.max_softmax) - want).abs() < 1e-5,
+            "{}",
+            v.frame_id
+        );
+    }
+    let reasons: Vec<(&str, String)> = verdicts[6..]
+        .iter()
+        .map(|v| {
+            let e = v.error.as_ref().expect("an error verdict");
+            (v.frame_id.as_str(), e.reason.clone())
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("over-budget", "IMAGE_TOO_LARGE".to_string()),
+            ("truncated", "DECODE_FAILED".to_string()),
+            ("liar", "DECODE_FAILED".to_string()),
+        ]
+    );
+    let over = &verdicts[6].error.as_ref().expect("error").message;
+    assert!(
+        over.contains("1600x1200") && over.contains("1000000"),
+        "{over}"
+    );
+    let liar = &verdicts[8].error.as_ref().expect("error").message;
+    assert!(liar.contains("implausibly short"), "{liar}");
 }

@@ -28,6 +28,34 @@ pub fn scores(engine: &mut Engine, set: &Set, scoring: Scoring) -> Result<Vec<f3
     Ok(out)
 }
 
+/// The classifier's prediction (argmax of the unperturbed logits) for every
+/// image of `set`.
+pub fn predictions(engine: &mut Engine, set: &Set) -> Result<Vec<usize>, EngineError> {
+    let len = set.inputs.len() / set.n;
+    let classes = engine.shape().classes;
+    let mut out = Vec::with_capacity(set.n);
+    for chunk in set.inputs.chunks(BATCH * len) {
+        let logits = engine.logits(chunk, chunk.len() / len)?;
+        out.extend(logits.chunks_exact(classes).map(score::argmax));
+    }
+    Ok(out)
+}
+
+/// The share of images of a labelled `set` the classifier gets right
+/// (`None` without labels).
+pub fn accuracy(engine: &mut Engine, set: &Set) -> Result<Option<f64>, EngineError> {
+    let Some(labels) = &set.labels else {
+        return Ok(None);
+    };
+    let predicted = predictions(engine, set)?;
+    let correct = predicted
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| **p == usize::from(**l))
+        .count();
+    Ok(Some(correct as f64 / set.n as f64))
+}
+
 /// ODIN scores of every image for every (T, ε) of a grid: `[t][e][image]`.
 ///
 /// The gradient sign depends on T but not on ε, so each T needs one run of

@@ -2,8 +2,10 @@
 //! pipeline `serve` uses, and print one verdict per frame (table or JSON
 //! lines), then a summary with frames/s (and accuracy when labels exist).
 //!
-//! A FILE is a JPEG/PNG image, or a raw set `NAME.u8` (with `NAME.json`
-//! beside it, as in `shared/data`), which expands to all its images.
+//! A FILE is a JPEG/PNG image, a raw set `NAME.u8` (with `NAME.json`
+//! beside it, as in `shared/data`), or a packed JPEG set `NAME.jpgpack`
+//! (with `NAME.offsets.u64`); a set expands to all its images (packed ones
+//! are read as they are sent, not all at once).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::ModelArgs;
 use crate::app::App;
-use crate::dataset::RawSet;
+use crate::dataset::{JpegPack, RawSet};
 use crate::domain::{FrameRequest, ImageInput, Judgement};
 use crate::error::CallError;
 use crate::pipeline::order;
@@ -24,7 +26,8 @@ use crate::pipeline::Caller;
 /// Flags of `detect`.
 #[derive(Debug, Clone, Args)]
 pub struct DetectArgs {
-    /// Images (JPEG/PNG) or raw sets (NAME.u8 with NAME.json).
+    /// Images (JPEG/PNG), raw sets (NAME.u8 with NAME.json) or packed JPEG
+    /// sets (NAME.jpgpack with NAME.offsets.u64).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Print JSON lines instead of a table.
@@ -33,7 +36,7 @@ pub struct DetectArgs {
     /// Print only the summary.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Judge at most this many frames per raw set.
+    /// Judge at most this many frames per set.
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
@@ -43,6 +46,8 @@ pub struct DetectArgs {
 /// One frame to judge and, where known, its true class.
 struct Item {
     frame: FrameRequest,
+    /// Image `i` of a packed set, read when the frame is sent.
+    packed: Option<(std::sync::Arc<JpegPack>, usize)>,
     label: Option<u8>,
 }
 
@@ -59,7 +64,19 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
                     image: Some(ImageInput::Raw(set.raw(i))),
                     ..FrameRequest::default()
                 },
+                packed: None,
                 label: set.labels.as_ref().map(|l| l[i]),
+            }));
+        } else if path.extension().is_some_and(|e| e == "jpgpack") {
+            let pack = std::sync::Arc::new(JpegPack::open(path)?);
+            let n = args.limit.map_or(pack.n, |l| l.min(pack.n));
+            items.extend((0..n).map(|i| Item {
+                frame: FrameRequest {
+                    id: format!("{name}#{i}"),
+                    ..FrameRequest::default()
+                },
+                packed: Some((std::sync::Arc::clone(&pack), i)),
+                label: pack.labels.as_ref().map(|l| l[i]),
             }));
         } else {
             let bytes =
@@ -70,6 +87,7 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
                     image: Some(ImageInput::Encoded(bytes)),
                     ..FrameRequest::default()
                 },
+                packed: None,
                 label: None,
             });
         }
@@ -81,14 +99,27 @@ fn items(args: &DetectArgs) -> anyhow::Result<Vec<Item>> {
 pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let items = items(&args)?;
     let app = App::build(&args.model.config()?).await?;
-    let (frames, labels): (Vec<FrameRequest>, Vec<Option<u8>>) =
-        items.into_iter().map(|i| (i.frame, i.label)).unzip();
-    let total = frames.len();
+    let total = items.len();
+    let labels: Vec<Option<u8>> = items.iter().map(|i| i.label).collect();
+    let frames = items.into_iter().map(|item| {
+        let mut frame = item.frame;
+        if let Some((pack, i)) = item.packed {
+            // An unreadable image is sent empty and gets its own error verdict.
+            frame.image = match pack.encoded(i) {
+                Ok(bytes) => Some(ImageInput::Encoded(bytes)),
+                Err(e) => {
+                    eprintln!("{}: {e}", frame.id);
+                    None
+                }
+            };
+        }
+        frame
+    });
     // The same ordered, windowed driver a gRPC stream uses.
     let window = 4 * args.model.max_batch.max(1) * args.model.workers.max(1);
     let (tx, mut rx) = mpsc::channel(window);
     let started = Instant::now();
-    let inbound = tokio_stream::iter(frames.into_iter().map(Ok::<_, CallError>));
+    let inbound = tokio_stream::iter(frames.map(Ok::<_, CallError>));
     // Never drained: `detect` ends when its frames do.
     let (_never, draining) = tokio::sync::watch::channel(false);
     let options = order::StreamOptions {

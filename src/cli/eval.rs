@@ -20,10 +20,12 @@ use crate::score::{Method, Scoring};
 /// Flags of `eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// In-distribution test images: a raw set NAME.u8 or a folder of JPEG/PNG.
+    /// In-distribution test images: a raw set NAME.u8, a packed set
+    /// NAME.jpgpack or a folder of JPEG/PNG. With labels (NAME.labels.u8) the
+    /// report also gives the classifier's accuracy on them.
     #[arg(long)]
     pub id: String,
-    /// Out-of-distribution sets (repeatable): raw set, folder, `uniform[:N]`, `gaussian[:N]`.
+    /// Out-of-distribution sets (repeatable): raw set, packed set, folder, `uniform[:N]`, `gaussian[:N]`.
     #[arg(long, required = true)]
     pub ood: Vec<String>,
     /// Methods to compare (repeatable): `msp`, `maxlogit`, `energy`,
@@ -111,12 +113,21 @@ fn evaluate(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let config = args.model.config()?;
     let (model, mut engine, pre) = app::offline_engine(&config)?;
+    let started = std::time::Instant::now();
     let id = Set::load(&SetSource::parse(&args.id), &pre, args.skip, args.limit)?;
     let oods = args
         .ood
         .iter()
         .map(|s| Set::load(&SetSource::parse(s), &pre, args.skip, args.limit))
         .collect::<Result<Vec<_>, _>>()?;
+    eprintln!(
+        "loaded {} images in {:.1} s ({} decode, resize {})",
+        id.n + oods.iter().map(|s| s.n).sum::<usize>(),
+        started.elapsed().as_secs_f64(),
+        pre.path().as_str(),
+        pre.resize().as_str()
+    );
+    let accuracy = scores::accuracy(&mut engine, &id)?;
 
     let mut rows = Vec::new(); // (ood set, method label, metrics)
     let mut curves: Vec<Vec<Curve>> = vec![Vec::new(); oods.len()];
@@ -138,11 +149,11 @@ fn evaluate(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
 
     std::fs::create_dir_all(&args.out_dir)?;
-    let markdown = table(&model.card.name, &id, &oods, &rows, args.tpr);
+    let markdown = table(&model.card.name, &id, accuracy, &oods, &rows, args.tpr);
     std::fs::write(args.out_dir.join("eval.md"), &markdown)?;
     std::fs::write(
         args.out_dir.join("eval.json"),
-        serde_json::to_string_pretty(&json(&id, &oods, &rows, args))? + "\n",
+        serde_json::to_string_pretty(&json(&id, accuracy, &oods, &rows, args, &pre))? + "\n",
     )?;
     for (ood, curves) in oods.iter().zip(&curves) {
         let title = format!(
@@ -179,13 +190,17 @@ fn thin(points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
 fn table(
     model: &str,
     id: &Set,
+    accuracy: Option<f64>,
     oods: &[Set],
     rows: &[(String, String, Metrics)],
     tpr: f64,
 ) -> String {
     let pct = tpr * 100.0;
+    let accuracy = accuracy.map_or(String::new(), |a| {
+        format!(" Classifier accuracy on them: {:.2}%.", a * 100.0)
+    });
     let mut md = format!(
-        "Model `{model}`, in-distribution: {}.\n\n| OOD set | method | FPR at {pct:.0}% TPR ↓ | detection error ↓ | AUROC ↑ | AUPR-in ↑ | AUPR-out ↑ |\n|---|---|---|---|---|---|---|\n",
+        "Model `{model}`, in-distribution: {}.{accuracy}\n\n| OOD set | method | FPR at {pct:.0}% TPR ↓ | detection error ↓ | AUROC ↑ | AUPR-in ↑ | AUPR-out ↑ |\n|---|---|---|---|---|---|---|\n",
         id.description
     );
     for (set, label, m) in rows {
@@ -210,12 +225,17 @@ fn table(
 
 fn json(
     id: &Set,
+    accuracy: Option<f64>,
     oods: &[Set],
     rows: &[(String, String, Metrics)],
     args: &EvalArgs,
+    pre: &crate::pipeline::Preprocessor,
 ) -> serde_json::Value {
     serde_json::json!({
         "in_distribution": id.description,
+        "accuracy": accuracy,
+        "decode": pre.path().as_str(),
+        "resize": pre.resize().as_str(),
         "out_of_distribution": oods.iter().map(|s| s.description.clone()).collect::<Vec<_>>(),
         "tpr": args.tpr,
         "skipped_tuning_images_per_set": args.skip,

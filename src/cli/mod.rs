@@ -19,6 +19,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::config::{self, CalibrationSource, ServeConfig};
 use crate::engine::{Device, EngineOptions};
 use crate::model::ModelSource;
+use crate::model::Resize;
+use crate::pipeline::decode::{DecodeOptions, DecodePath};
 use crate::pipeline::BatchOptions;
 use crate::score::Method;
 
@@ -140,6 +142,14 @@ pub struct ModelArgs {
     /// Concurrent JPEG/PNG decodes (the bounded decode pool).
     #[arg(long, default_value_t = config::DEFAULT_DECODE_THREADS, env = "ODIN_DECODE_THREADS")]
     pub decode_threads: usize,
+    /// Decoder: `fast` (the default) or `legacy`, the old full-resolution
+    /// path of the `image` crate, kept only for fidelity comparisons.
+    #[arg(long, default_value = "fast", env = "ODIN_DECODE", hide = true)]
+    pub decode: DecodePath,
+    /// Resize filter replacing the card's (`bilinear`, `area`, `none`), for
+    /// fidelity comparisons without editing the card.
+    #[arg(long, env = "ODIN_RESIZE", hide = true)]
+    pub resize: Option<Resize>,
     /// Unary calls (DetectOne, ModelInfer) in flight beyond which new ones get RESOURCE_EXHAUSTED (0 = no limit).
     #[arg(long, default_value_t = 0, env = "ODIN_MAX_UNARY_IN_FLIGHT")]
     pub max_unary_in_flight: usize,
@@ -202,6 +212,11 @@ impl ModelArgs {
             epsilon: self.epsilon.unwrap_or(defaults.epsilon),
             threshold: self.threshold.unwrap_or(defaults.threshold),
             decode_threads: self.decode_threads,
+            decode: DecodeOptions {
+                path: self.decode,
+                resize: self.resize,
+                jpeg: None,
+            },
             max_unary_in_flight: self.max_unary_in_flight,
             ..defaults
         };

@@ -22,6 +22,9 @@ pub struct Stats {
     /// Engine time of the batch that carried each measured frame, in
     /// microseconds, as the verdicts report it.
     pub compute: Histogram<u64>,
+    /// Decode time of each measured frame (waiting for a decoder included),
+    /// in microseconds, as the verdicts report it.
+    pub decode: Histogram<u64>,
     /// Answers of any kind (warm-up included).
     pub answered: u64,
     /// Measured answers (after warm-up).
@@ -45,6 +48,8 @@ impl Default for Stats {
             judged_latency: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             compute: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            decode: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             answered: 0,
             measured: 0,
@@ -80,6 +85,8 @@ impl Stats {
                     let _ = self
                         .judged_latency
                         .record(latency.as_micros().clamp(1, 600_000_000) as u64);
+                    let decode = v.timings.map_or(0, |t| t.decode_us);
+                    let _ = self.decode.record(decode.clamp(1, 600_000_000));
                 }
                 None => {}
             },

@@ -80,13 +80,24 @@ impl ChannelOrder {
     }
 }
 
-/// Resizing policy for frames whose size differs from the model's.
+/// Resizing policy for frames whose size differs from the model's: the
+/// filter, or none. Both filters run on the DCT-scaled decode of a large
+/// JPEG (at least 4× the model input on both sides), never on more pixels
+/// than that.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Resize {
-    /// Bilinear resampling to the model's size.
+    /// Antialiased bilinear (a triangle kernel whose support grows with the
+    /// downscale factor, as Pillow's `BILINEAR` and the `image` crate's
+    /// `Triangle`); plain bilinear interpolation when enlarging. The default.
     #[default]
     Bilinear,
+    /// Area average (OpenCV's `INTER_AREA`): each output pixel is the exact
+    /// mean of the source area under it, fractional edge pixels weighted by
+    /// coverage. What a box-filtered downscale (e.g. a training set made
+    /// with a 2×2 box filter) looks like; when enlarging, each output pixel
+    /// blends the one or two source pixels under it.
+    Area,
     /// Reject frames of another size: a camera sending the wrong resolution
     /// is a misconfiguration worth surfacing.
     None,
@@ -97,7 +108,20 @@ impl Resize {
     pub fn as_str(self) -> &'static str {
         match self {
             Resize::Bilinear => "bilinear",
+            Resize::Area => "area",
             Resize::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for Resize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bilinear" => Ok(Resize::Bilinear),
+            "area" => Ok(Resize::Area),
+            "none" => Ok(Resize::None),
+            _ => Err(format!("unknown resize {s:?}: use bilinear, area or none")),
         }
     }
 }
@@ -191,6 +215,26 @@ mod tests {
         assert_eq!(card.input.resize, Resize::Bilinear);
         assert_eq!(card.input.channel_order, ChannelOrder::RGB);
         assert_eq!(card.odin, OdinDefaults::default());
+    }
+
+    #[test]
+    fn resize_names_parse_in_lowercase() {
+        for (name, want) in [
+            ("bilinear", Resize::Bilinear),
+            ("area", Resize::Area),
+            ("none", Resize::None),
+        ] {
+            let card = CARD.replace(
+                r#""channels":3,"#,
+                &format!(r#""channels":3,"resize":"{name}","#),
+            );
+            let parsed = ModelCard::parse(&card, Path::new("x")).expect("valid");
+            assert_eq!(parsed.input.resize, want);
+            assert_eq!(want.as_str(), name);
+            assert_eq!(name.parse::<Resize>(), Ok(want));
+        }
+        let bad = CARD.replace(r#""channels":3,"#, r#""channels":3,"resize":"Area","#);
+        assert!(ModelCard::parse(&bad, Path::new("x")).is_err());
     }
 
     #[test]

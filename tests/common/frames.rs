@@ -69,10 +69,30 @@ pub fn encode(pixels: &[u8], width: u32, height: u32, format: image::ImageFormat
 
 /// What a decoder makes of `bytes`, as RGB pixels.
 pub fn decoded_rgb(bytes: &[u8]) -> Vec<u8> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return reference_jpeg_decode(bytes);
+    }
     image::load_from_memory(bytes)
         .expect("decodes")
         .to_rgb8()
         .into_raw()
+}
+
+/// Full-size RGB of a JPEG, decoded by the library the sidecar decodes with
+/// (libjpeg-turbo when linked, else jpeg-decoder), called directly: the
+/// independent reference for frames the model takes at their own size.
+pub fn reference_jpeg_decode(jpeg: &[u8]) -> Vec<u8> {
+    let mut decoder = jpeg_decoder::Decoder::new(jpeg);
+    decoder.read_info().expect("a JPEG header");
+    let info = decoder.info().expect("frame info");
+    if tjdecode::AVAILABLE {
+        let (w, h) = (u32::from(info.width), u32::from(info.height));
+        let mut out = vec![0; (w * h * 3) as usize];
+        tjdecode::decompress(jpeg, w, h, tjdecode::PixelFormat::Rgb, &mut out).expect("decodes");
+        return out;
+    }
+    assert_eq!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24);
+    decoder.decode().expect("decodes")
 }
 
 /// A frame with `image`.

@@ -8,6 +8,9 @@
 //! - `bench serve`: the sidecar as a separate process on loopback, driven by
 //!   `loadgen`: end-to-end frames/s against the engine's in-process limit,
 //!   open-loop p99 at half the saturating rate, and the server's peak RSS.
+//! - `bench camera`: camera-size JPEG frames (32×32 to 1080p): the decode
+//!   stage in-process on one thread (fast vs legacy path), and end-to-end
+//!   ODIN frames/s over gRPC per size and per thread split.
 //! - `bench tracing`: the cost of tracing every frame — end-to-end frames/s
 //!   over gRPC with spans off vs on (always_on, exported over OTLP/gRPC to a
 //!   receiver), two in-process servers driven in turn by `loadgen`.
@@ -17,6 +20,7 @@
 //! - `bench soak`: half the saturating load for minutes: RSS minute by minute.
 //! - `bench fairness`: one client's p99 while another sends expensive frames.
 
+mod camera;
 mod engine;
 mod fairness;
 mod overload;
@@ -29,6 +33,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+pub use camera::CameraBench;
 pub use engine::EngineBench;
 pub use fairness::FairnessBench;
 pub use overload::{OverloadBench, SoakBench};
@@ -58,6 +63,8 @@ pub enum Which {
     Soak(SoakBench),
     /// One client's latency while another sends expensive frames.
     Fairness(FairnessBench),
+    /// Camera-size JPEG frames: decode stage in-process and end to end, per size and thread split.
+    Camera(CameraBench),
 }
 
 /// Runs `bench`.
@@ -69,6 +76,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Which::Overload(bench) => overload::run(&bench).await,
         Which::Soak(bench) => overload::soak(&bench).await,
         Which::Fairness(bench) => fairness::run(&bench).await,
+        Which::Camera(bench) => camera::run(&bench).await,
     }
 }
 
