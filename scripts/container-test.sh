@@ -20,9 +20,10 @@
 #      passed with --calibration;
 #   5. waits for grpc.health.v1.Health/Check SERVING (service "" and
 #      "odin.v1.Detector") with grpcurl -plaintext, sends one raw 32x32x3
-#      frame and one PNG to odin.v1.Detector/DetectOne and checks each
-#      verdict has a score and no error, checks GetModelInfo reports the
-#      mounted calibration and /metrics counts the two frames;
+#      frame, one PNG and one JPEG to odin.v1.Detector/DetectOne and checks
+#      each verdict has a score and no error, checks GetModelInfo reports the
+#      mounted calibration and /metrics counts the three frames, and that the
+#      log names libjpeg-turbo as the JPEG decoder;
 #   6. `podman stop` (SIGTERM) and checks the container exited 0, by itself.
 # Containers are removed on exit; the image localhost/odin-sidecar:container-test
 # is kept. Idempotent. Needs root (apt-get, rootful podman) and x86_64 (the
@@ -215,8 +216,10 @@ else
   fail "process runs as '$user', not 65532:65532"
 fi
 
-# One raw 32x32x3 frame and one 32x32 RGB PNG, as grpcurl JSON (bytes in
-# base64), each checked: a numeric score, no error, its frame_id echoed.
+# One raw 32x32x3 frame, one 32x32 RGB PNG and one 64x36 4:2:0 JPEG (a
+# camera's aspect ratio, area-resized to 32x32; libjpeg-turbo, linked into
+# the binary, decodes it), as grpcurl JSON (bytes in base64), each checked: a
+# numeric score, no error, its frame_id echoed.
 "$VENV/bin/python" - "$work" <<'PY'
 import base64, json, struct, sys, zlib
 out = sys.argv[1]
@@ -229,8 +232,25 @@ rows = b"".join(b"\x00" + pixels[y * 96:(y + 1) * 96] for y in range(32))
 png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 json.dump({"frame_id": "png-1", "encoded": base64.b64encode(png).decode()}, open(f"{out}/png.json", "w"))
+# Made once with Pillow (quality 85, 4:2:0, optimised Huffman tables).
+jpeg = (
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAUDBAQEAwUEBAQFBQUGBwwIBwcHBw8LCwkMEQ8S"
+    "EhEPERETFhwXExQaFRERGCEYGh0dHx8fExciJCIeJBweHx7/2wBDAQUFBQcGBw4ICA4eFBEU"
+    "Hh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh7/wAAR"
+    "CAAkAEADASIAAhEBAxEB/8QAGwABAQEAAgMAAAAAAAAAAAAABQYAAgMEBwj/xAAjEAABBQAD"
+    "AAICAwAAAAAAAAAAAQQFIjECAyERQRITktHh/8QAGQEBAQADAQAAAAAAAAAAAAAABgUABwgE"
+    "/8QAIxEAAQMEAQQDAAAAAAAAAAAAAQADIQIEBTEGEUFhwRITMv/aAAwDAQACEQMRAD8A+VG0"
+    "XlRNtF5Upm0XlRNtF5Uxl5TrLL6lTTaLyoo2i8qUraLyoo2i8qVWXktssvqVMtovKijaLypS"
+    "tovKijaLypVZeS2yy+pU02i8qKNovKlK2i8qKNovKlVl5LbLL6lerm0XlRNtF5Upm0XlRNtF"
+    "5U1Wy8uJ7LL6lTTaLyoo2i8qUraLyoo2i8qVWXktssvqVMtovKijaLypStYvKijaLypVZeSy"
+    "yy+pU01i8qJt4xOPH8uSIiInyqr9FK3jE48fy5IiIifKqv0eI76lcr+rqRU6UX+X+Hh5Byy2"
+    "wFt9rs1n809yfQHc++gTPGZGp2oAGFCtm/V5UTbN+rypjBVlceWVRiUo1b9XlRRs36vKmMVW"
+    "UtsqjEpRs36vKibVv1eVMYqspbZVGJXVL8UTs4N08614pyVE+1+V/o4tm/V5Uxjnjm7tdeff"
+    "FRJ6EAeB8RA8StjYgkNUr//Z"
+)
+json.dump({"frame_id": "jpeg-1", "encoded": jpeg}, open(f"{out}/jpeg.json", "w"))
 PY
-for frame in raw png; do
+for frame in raw png jpeg; do
   t=$(now)
   if verdict=$("${grpcurl[@]}" -plaintext -max-time 10 -emit-defaults -d @ "127.0.0.1:$port" \
       odin.v1.Detector/DetectOne <"$work/$frame.json" 2>&1) &&
@@ -265,10 +285,10 @@ import sys, urllib.request
 print(urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=5).read().decode())' \
     "$metrics_port" 2>&1) &&
    grep -q '^odin_frames_in_flight' <<<"$metrics" &&
-   frames=$(awk '/^odin_frames_total/ {n += $NF} END {print n + 0}' <<<"$metrics") && [ "$frames" -ge 2 ]; then
+   frames=$(awk '/^odin_frames_total/ {n += $NF} END {print n + 0}' <<<"$metrics") && [ "$frames" -ge 3 ]; then
   pass "/metrics: odin_frames_total counts $frames frames; odin_frames_in_flight exported"
 else
-  fail "/metrics lacks odin_frames_total >= 2 or odin_frames_in_flight"
+  fail "/metrics lacks odin_frames_total >= 3 or odin_frames_in_flight"
 fi
 
 # ----------------------------------------------------------------- stop ---
@@ -286,6 +306,12 @@ fi
 # device ID or finds no CA bundle (ORT_DISABLE_TELEMETRY=1 in the image
 # turns it off).
 bad='read-only file system|permission denied|persist telemetry|telemetry HTTPS|panicked'
+if grep -q 'JPEG decoder.*libjpeg-turbo' <<<"$logs"; then
+  pass "log: JPEG frames are decoded by libjpeg-turbo (linked into the binary)"
+else
+  grep -i jpeg <<<"$logs" | head -5
+  fail "log: no 'JPEG decoder ... libjpeg-turbo' line (built without libjpeg-turbo?)"
+fi
 if grep -qiE "$bad" <<<"$logs"; then
   grep -iE "$bad" <<<"$logs"
   fail "the log shows a write attempt, ONNX Runtime telemetry or a panic"

@@ -13,8 +13,12 @@
 //! 3. the usual library folders (Debian/Ubuntu multiarch, /usr/lib64,
 //!    /usr/local/lib, /usr/lib).
 //!
-//! `libturbojpeg.so` (the -dev package's link) is linked as `-lturbojpeg`;
-//! with only the runtime's `libturbojpeg.so.0` it is linked by that name.
+//! `libturbojpeg.a` (Debian's -dev package ships it) is linked statically, so
+//! the binary needs no libjpeg-turbo where it runs (a slim container image,
+//! another distribution); `TJDECODE_DYNAMIC=1` links the shared library
+//! instead. `libturbojpeg.so` (the -dev package's link) is linked as
+//! `-lturbojpeg`; with only the runtime's `libturbojpeg.so.0` it is linked by
+//! that name.
 //! A `turbojpeg.h` beside the library (include/ next to lib/) that lacks
 //! `tjGetErrorCode` is TurboJPEG 1.x, which this crate cannot use.
 //!
@@ -33,6 +37,8 @@ struct Found {
     file: PathBuf,
     /// `-l` argument: `turbojpeg`, or `:libturbojpeg.so.0` style verbatim.
     link: String,
+    /// `static` or `dylib`.
+    kind: &'static str,
     how: String,
 }
 
@@ -41,6 +47,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=TURBOJPEG_LIB_DIR");
     println!("cargo:rerun-if-env-changed=TJDECODE_DISABLE");
+    println!("cargo:rerun-if-env-changed=TJDECODE_DYNAMIC");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
 
     if env::var_os("TJDECODE_DISABLE").is_some_and(|v| !v.is_empty() && v != "0") {
@@ -53,9 +60,9 @@ fn main() {
             println!("cargo:rerun-if-changed={}", found.file.display());
             println!("cargo:rustc-link-search=native={}", found.dir.display());
             if let Some(name) = found.link.strip_prefix(':') {
-                println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+                println!("cargo:rustc-link-lib={}:+verbatim={name}", found.kind);
             } else {
-                println!("cargo:rustc-link-lib=dylib={}", found.link);
+                println!("cargo:rustc-link-lib={}={}", found.kind, found.link);
             }
             println!("cargo:rustc-cfg=tjdecode_linked");
             println!("cargo:rustc-env=TJDECODE_FOUND={}", found.how);
@@ -111,12 +118,20 @@ fn find() -> Option<Found> {
 
 /// The library in `dir`, if it is there and usable.
 fn in_dir(dir: &Path, how: &str) -> Option<Found> {
-    let (link, file) = if dir.join("libturbojpeg.so").exists() {
-        ("turbojpeg".to_string(), dir.join("libturbojpeg.so"))
+    let dynamic = env::var_os("TJDECODE_DYNAMIC").is_some_and(|v| !v.is_empty() && v != "0");
+    let (link, file, kind) = if !dynamic && dir.join("libturbojpeg.a").exists() {
+        (
+            "turbojpeg".to_string(),
+            dir.join("libturbojpeg.a"),
+            "static",
+        )
+    } else if dir.join("libturbojpeg.so").exists() {
+        ("turbojpeg".to_string(), dir.join("libturbojpeg.so"), "dylib")
     } else if dir.join("libturbojpeg.so.0").exists() {
         (
             ":libturbojpeg.so.0".to_string(),
             dir.join("libturbojpeg.so.0"),
+            "dylib",
         )
     } else {
         return None;
@@ -132,7 +147,8 @@ fn in_dir(dir: &Path, how: &str) -> Option<Found> {
         dir: dir.to_path_buf(),
         file,
         link,
-        how: format!("{} ({how})", dir.display()),
+        kind,
+        how: format!("{} ({how}, {kind})", dir.display()),
     })
 }
 

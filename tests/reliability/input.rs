@@ -187,8 +187,8 @@ async fn with_resize_none_a_640x480_frame_is_a_size_mismatch() {
     let dir = TempDir::new("card");
     let card = std::fs::read_to_string(repo().join("models/cifar10_cnn.card.json"))
         .expect("the built-in card");
-    assert!(card.contains(r#""resize": "bilinear""#));
-    let card = card.replace(r#""resize": "bilinear""#, r#""resize": "none""#);
+    assert!(card.contains(r#""resize": "area""#));
+    let card = card.replace(r#""resize": "area""#, r#""resize": "none""#);
     let card_path = dir.join("strict.card.json");
     std::fs::write(&card_path, card).expect("write card");
     let mut strict = config();
