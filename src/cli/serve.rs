@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 
 use super::ModelArgs;
 use crate::app::App;
-use crate::server::conn::Listener;
 use crate::config::{self, ConfigError, NetworkOptions, ServeConfig, TlsFiles};
+use crate::server::conn::Listener;
 use crate::telemetry::OtlpConfig;
 
 /// Flags of `serve`.

@@ -6,8 +6,27 @@
 //! the logits of the frame itself and, when the frame was perturbed (ODIN,
 //! or energy with input preprocessing), the logits of the perturbed frame.
 
+mod combine;
+mod detector;
+mod fdbd;
+mod gen;
+mod knn;
+mod mahalanobis;
+mod react;
+mod vim;
+
 use std::fmt;
 use std::str::FromStr;
+
+pub use combine::{calibrate as score_norm, Combined, ScoreNorm};
+pub(crate) use detector::{lse, to_f64};
+pub use detector::{Detector, DetectorError, FeatureBatch};
+pub use fdbd::{Fdbd, FdbdNormalizer};
+pub use gen::Gen;
+pub use knn::{Knn, BLOCK_ROWS as KNN_BLOCK_ROWS};
+pub use mahalanobis::{Mds, Rmds};
+pub use react::React;
+pub use vim::Vim;
 
 /// A scoring method, as named on the CLI, in the card and on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
