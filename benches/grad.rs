@@ -68,6 +68,7 @@ fn main() {
         &GradOptions {
             std: support::STD.to_vec(),
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect("derive");

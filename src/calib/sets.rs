@@ -33,21 +33,26 @@ pub enum SetSource {
 }
 
 impl SetSource {
-    /// Parses `uniform[:N]`, `gaussian[:N]`, a `.u8` file or a folder.
+    /// Parses `uniform[:N[:SEED]]`, `gaussian[:N[:SEED]]` (default 10,000
+    /// images, seeds 1 and 2: the evaluation's), a `.u8` file or a folder.
     pub fn parse(spec: &str) -> SetSource {
-        let synthetic = |rest: Option<&str>| rest.and_then(|n| n.parse().ok()).unwrap_or(10_000);
         let (head, rest) = match spec.split_once(':') {
             Some((h, r)) => (h, Some(r)),
             None => (spec, None),
         };
+        let (n, seed) = match rest.map(|r| r.split_once(':').unwrap_or((r, ""))) {
+            Some((n, seed)) => (n.parse().ok(), seed.parse().ok()),
+            None => (None, None),
+        };
+        let n = n.unwrap_or(10_000);
         match head {
             "uniform" => SetSource::Uniform {
-                n: synthetic(rest),
-                seed: 1,
+                n,
+                seed: seed.unwrap_or(1),
             },
             "gaussian" => SetSource::Gaussian {
-                n: synthetic(rest),
-                seed: 2,
+                n,
+                seed: seed.unwrap_or(2),
             },
             _ if Path::new(spec).is_dir() => SetSource::Folder(PathBuf::from(spec)),
             _ => SetSource::Raw(PathBuf::from(spec)),
@@ -266,5 +271,9 @@ mod tests {
             SetSource::Gaussian { n: 10_000, seed: 2 }
         );
         assert_eq!(SetSource::parse("x/tin_crop.u8").name(), "tin_crop");
+        assert_eq!(
+            SetSource::parse("uniform:1000:11"),
+            SetSource::Uniform { n: 1000, seed: 11 }
+        );
     }
 }

@@ -52,6 +52,7 @@ pub async fn run(args: ExportGradArgs) -> anyhow::Result<ExitCode> {
     let options = GradOptions {
         std,
         raw_gradient: args.raw_gradient,
+        ..Default::default()
     };
     let derived = grad::derive(&bytes, &options)
         .with_context(|| format!("deriving {}", args.model.display()))?;
@@ -170,6 +171,7 @@ mod tests {
         let options = GradOptions {
             std: vec![0.229, 0.224, 0.225],
             raw_gradient: false,
+            ..Default::default()
         };
         let derived = grad::derive(&bytes, &options).unwrap();
         assert_eq!(check(&bytes, &derived.bytes).unwrap(), 0.0);

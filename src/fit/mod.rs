@@ -12,6 +12,7 @@ mod fitter;
 pub mod linalg;
 pub mod rng;
 pub mod stats;
+pub mod train;
 
 pub use fitter::{
     default_vim_dim, percentile_linear, FitConfig, FitError, FitReport, Fitter,

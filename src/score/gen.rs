@@ -51,6 +51,29 @@ impl Gen {
     }
 }
 
+impl Gen {
+    /// GEN for a `gen(...)` method with K classes still unknown: K is taken
+    /// from the logits of each call.
+    pub fn for_method(method: super::Method) -> Option<Self> {
+        match method {
+            super::Method::Gen { gamma, m } => Some(Self {
+                k: 0,
+                gamma: f64::from(gamma) / 1000.0,
+                m: m as usize,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The method this detector computes.
+    pub fn method(&self) -> super::Method {
+        super::Method::Gen {
+            gamma: (self.gamma * 1000.0).round() as u32,
+            m: self.m as u32,
+        }
+    }
+}
+
 impl Detector for Gen {
     fn name(&self) -> &'static str {
         "gen"
@@ -61,7 +84,12 @@ impl Detector for Gen {
     }
 
     fn score_batch(&self, batch: FeatureBatch<'_>, out: &mut [f32]) -> Result<(), DetectorError> {
-        let k = self.k;
+        // K = 0: taken from the batch (a GEN built from a method name).
+        let k = if self.k == 0 && batch.n > 0 {
+            batch.logits.len() / batch.n
+        } else {
+            self.k
+        };
         batch.check(out, Some(k), None)?;
         let mut e = vec![0.0f64; k];
         for (i, o) in out.iter_mut().enumerate() {
@@ -88,11 +116,11 @@ impl Detector for Gen {
                     (p, p.powf(self.gamma) * q.powf(self.gamma))
                 })
                 .collect();
-            let score = if self.m >= k {
+            let score = if self.m >= k || k == 0 {
                 probs.iter().map(|t| t.1).sum::<f64>()
             } else {
                 probs.sort_by(|a, b| b.0.total_cmp(&a.0));
-                probs[..self.m].iter().map(|t| t.1).sum::<f64>()
+                probs[..self.m.min(k)].iter().map(|t| t.1).sum::<f64>()
             };
             *o = if z.iter().any(|v| v.is_nan()) {
                 f32::NAN

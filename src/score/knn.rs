@@ -2,6 +2,8 @@
 //! `knn_postprocessor.py`.
 
 use ndarray::linalg::general_mat_mul;
+use std::sync::Arc;
+
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::{Detector, DetectorError, FeatureBatch};
@@ -31,7 +33,14 @@ use crate::fit::stats::Stats;
 /// kernel, block or batch size: deterministic across CPUs.
 #[derive(Debug, Clone)]
 pub struct Knn {
+    bank: Arc<KnnBank>,
     k: usize,
+}
+
+/// A bank of L2-normalised training features prepared for the search;
+/// shared by every [`Knn`] over it (whatever their k).
+#[derive(Debug, Clone)]
+pub struct KnnBank {
     d: usize,
     rows: usize,
     /// The bank, `rows × d` row-major.
@@ -45,25 +54,28 @@ pub struct Knn {
 /// products (256 KiB), which stays in L2 while the candidates are offered.
 pub const BLOCK_ROWS: usize = 2048;
 
-impl Knn {
-    /// KNN over the statistics' bank with `k` neighbours (OpenOOD: 50).
-    pub fn new(stats: &Stats, k: usize) -> Result<Self, DetectorError> {
+impl KnnBank {
+    /// The bank of fitted statistics.
+    pub fn new(stats: &Stats) -> Result<Self, DetectorError> {
         if stats.bank_rows() == 0 {
             return Err(DetectorError::Missing(
                 "KNN bank (fitted with --bank-rows 0)".into(),
             ));
         }
-        Self::from_bank(&stats.knn_bank, stats.dim(), k)
+        Self::from_bank(&stats.knn_bank, stats.dim())
     }
 
-    /// KNN over a row-major bank of `bank.len() / dim` rows, which should
-    /// already be L2-normalised (as the fitter stores them).
-    pub fn from_bank(bank: &[f32], dim: usize, k: usize) -> Result<Self, DetectorError> {
-        if dim == 0 || !bank.len().is_multiple_of(dim) {
+    /// A row-major bank of `bank.len() / dim` rows, which should already be
+    /// L2-normalised (as the fitter stores them).
+    pub fn from_bank(bank: &[f32], dim: usize) -> Result<Self, DetectorError> {
+        if dim == 0 || bank.is_empty() || !bank.len().is_multiple_of(dim) {
             return Err(DetectorError::Param {
                 name: "dim",
                 value: dim.to_string(),
-                reason: format!("bank has {} values, not a multiple of it", bank.len()),
+                reason: format!(
+                    "bank has {} values, not a positive multiple of it",
+                    bank.len()
+                ),
             });
         }
         let rows = bank.len() / dim;
@@ -72,13 +84,6 @@ impl Knn {
                 name: "bank",
                 value: rows.to_string(),
                 reason: "more than 2³² rows".into(),
-            });
-        }
-        if k == 0 || k > rows {
-            return Err(DetectorError::Param {
-                name: "k",
-                value: k.to_string(),
-                reason: format!("must be in 1..={rows} (bank rows)"),
             });
         }
         if let Some(i) = bank.iter().position(|v| !v.is_finite()) {
@@ -96,7 +101,6 @@ impl Knn {
             max_norm = max_norm.max(n2.sqrt());
         }
         Ok(Self {
-            k,
             d: dim,
             rows,
             bank: bank.to_vec(),
@@ -105,13 +109,8 @@ impl Knn {
         })
     }
 
-    /// Number of neighbours.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
     /// Rows in the bank.
-    pub fn bank_rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.rows
     }
 
@@ -119,22 +118,34 @@ impl Knn {
     pub fn dim(&self) -> usize {
         self.d
     }
-}
 
-impl Detector for Knn {
-    fn name(&self) -> &'static str {
-        "knn"
-    }
-
-    fn tag(&self) -> String {
-        format!("knn(k={})", self.k)
-    }
-
-    fn score_batch(&self, batch: FeatureBatch<'_>, out: &mut [f32]) -> Result<(), DetectorError> {
-        batch.check(out, None, Some(self.d))?;
-        let (d, n) = (self.d, batch.n);
+    /// For each of the `n` feature rows in `features` (`n × d`), the exact
+    /// squared distances from its normalised feature to its `k_max` nearest
+    /// bank rows, ascending (`None` for a non-finite feature). One search
+    /// answers every k ≤ `k_max`.
+    pub fn nearest(
+        &self,
+        features: &[f32],
+        n: usize,
+        k_max: usize,
+    ) -> Result<Vec<Option<Vec<f64>>>, DetectorError> {
+        let d = self.d;
+        if features.len() != n * d {
+            return Err(DetectorError::Shape {
+                what: "features",
+                expected: n * d,
+                found: features.len(),
+            });
+        }
+        if k_max == 0 || k_max > self.rows {
+            return Err(DetectorError::Param {
+                name: "k",
+                value: k_max.to_string(),
+                reason: format!("must be in 1..={} (bank rows)", self.rows),
+            });
+        }
         if n == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Bound on |f32 key − exact key| for a unit query: the f32 dot
         // product of D terms (≤ D·u·‖q‖‖b‖, any summation order, with or
@@ -150,7 +161,7 @@ impl Detector for Knn {
         let mut q32 = vec![0.0f32; n * d];
         let mut valid = vec![true; n];
         for i in 0..n {
-            let h = batch.features_row(i, d);
+            let h = &features[i * d..(i + 1) * d];
             let norm = h.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
             if !norm.is_finite() {
                 valid[i] = false;
@@ -163,7 +174,7 @@ impl Detector for Knn {
                 q32[i * d + j] = v as f32;
             }
         }
-        let mut cands: Vec<Candidates> = (0..n).map(|_| Candidates::new(self.k, margin)).collect();
+        let mut cands: Vec<Candidates> = (0..n).map(|_| Candidates::new(k_max, margin)).collect();
         let q = ArrayView2::from_shape((n, d), &q32[..])
             .map_err(|e| DetectorError::Internal(e.to_string()))?;
         let mut dots = vec![0.0f32; n * BLOCK_ROWS.min(self.rows)];
@@ -179,12 +190,72 @@ impl Detector for Knn {
                 cand.offer(row, half, start);
             }
         }
-        for i in 0..n {
-            out[i] = if valid[i] {
-                let q = &q64[i * d..(i + 1) * d];
-                (-cands[i].exact_kth(q, &self.bank, d)) as f32
-            } else {
-                f32::NAN
+        Ok(cands
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| {
+                valid[i].then(|| c.exact_nearest(&q64[i * d..(i + 1) * d], &self.bank, d))
+            })
+            .collect())
+    }
+}
+
+impl Knn {
+    /// KNN over the statistics' bank with `k` neighbours (OpenOOD: 50).
+    pub fn new(stats: &Stats, k: usize) -> Result<Self, DetectorError> {
+        Self::with_bank(Arc::new(KnnBank::new(stats)?), k)
+    }
+
+    /// KNN over a row-major bank of `bank.len() / dim` rows, which should
+    /// already be L2-normalised (as the fitter stores them).
+    pub fn from_bank(bank: &[f32], dim: usize, k: usize) -> Result<Self, DetectorError> {
+        Self::with_bank(Arc::new(KnnBank::from_bank(bank, dim)?), k)
+    }
+
+    /// KNN with `k` neighbours over a prepared bank.
+    pub fn with_bank(bank: Arc<KnnBank>, k: usize) -> Result<Self, DetectorError> {
+        if k == 0 || k > bank.rows {
+            return Err(DetectorError::Param {
+                name: "k",
+                value: k.to_string(),
+                reason: format!("must be in 1..={} (bank rows)", bank.rows),
+            });
+        }
+        Ok(Self { bank, k })
+    }
+
+    /// Number of neighbours.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Rows in the bank.
+    pub fn bank_rows(&self) -> usize {
+        self.bank.rows
+    }
+
+    /// Feature dimension.
+    pub fn dim(&self) -> usize {
+        self.bank.d
+    }
+}
+
+impl Detector for Knn {
+    fn name(&self) -> &'static str {
+        "knn"
+    }
+
+    fn tag(&self) -> String {
+        format!("knn(k={})", self.k)
+    }
+
+    fn score_batch(&self, batch: FeatureBatch<'_>, out: &mut [f32]) -> Result<(), DetectorError> {
+        batch.check(out, None, Some(self.bank.d))?;
+        let nearest = self.bank.nearest(batch.features, batch.n, self.k)?;
+        for (o, dist) in out.iter_mut().zip(nearest) {
+            *o = match dist {
+                Some(dist) => (-dist[self.k - 1]) as f32,
+                None => f32::NAN,
             };
         }
         Ok(())
@@ -248,9 +319,10 @@ impl Candidates {
         self.items.retain(|c| c.0 >= tau);
     }
 
-    /// The exact k-th smallest squared distance from `q` (f64, unit) among
-    /// the candidates, against the row-major `bank` of dimension `d`.
-    fn exact_kth(&mut self, q: &[f64], bank: &[f32], d: usize) -> f64 {
+    /// The exact `k` smallest squared distances from `q` (f64, unit) among
+    /// the candidates, ascending, against the row-major `bank` of
+    /// dimension `d`.
+    fn exact_nearest(&mut self, q: &[f64], bank: &[f32], d: usize) -> Vec<f64> {
         self.prune();
         let mut dist: Vec<f64> = self
             .items
@@ -268,8 +340,9 @@ impl Candidates {
             .collect();
         // `items` holds at least k rows: every row is offered while fewer than
         // k are held (tau stays −∞ until the first prune with ≥ k rows).
-        let (_, kth, _) = dist.select_nth_unstable_by(self.k - 1, f64::total_cmp);
-        *kth
+        dist.sort_unstable_by(f64::total_cmp);
+        dist.truncate(self.k);
+        dist
     }
 }
 

@@ -174,6 +174,7 @@ pub fn reference_engine(config: &ServeConfig) -> odin_sidecar::engine::Engine {
     let options = odin_sidecar::engine::EngineOptions {
         device: odin_sidecar::engine::Device::Cpu,
         intra_threads: 1,
+        fused: true,
     };
     odin_sidecar::engine::Engine::load(&model, None, &options).expect("engine builds")
 }
