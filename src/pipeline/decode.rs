@@ -221,7 +221,12 @@ impl Preprocessor {
         if !matches!(channels, 1 | 3 | 4) {
             return Err(FrameError::Channels(*channels));
         }
-        let want = *width as usize * *height as usize * *channels as usize;
+        // Checked: a header can claim sizes whose product overflows (a
+        // length no buffer can have, so the frame is refused as such).
+        let want = (*width as usize)
+            .checked_mul(*height as usize)
+            .and_then(|v| v.checked_mul(*channels as usize))
+            .unwrap_or(usize::MAX);
         let length_error = || FrameError::RawLength {
             got: pixels.len(),
             want,
