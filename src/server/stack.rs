@@ -75,7 +75,10 @@ pub fn server(options: &StackOptions) -> Stacked {
     server
         // Counts each call as open on its connection, so idle connections
         // (no open call) can be closed; outermost, so every call counts.
-        .layer(CallTracker)
+        // It also answers a call past its deadline DEADLINE_EXCEEDED.
+        .layer(CallTracker {
+            request_timeout: net.request_timeout,
+        })
         // During shutdown, new calls are refused with UNAVAILABLE before
         // they do any work; health keeps answering (NOT_SERVING).
         .layer(Gate::new(
@@ -278,13 +281,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// done (see `conn::ConnInfo`), so the connection's idle timer only runs
 /// while no call is open.
 #[derive(Debug, Clone, Copy)]
-pub struct CallTracker;
+pub struct CallTracker {
+    /// `--request-timeout-s`: the longest a call may take to answer.
+    pub request_timeout: Option<std::time::Duration>,
+}
 
 impl<S> Layer<S> for CallTracker {
     type Service = Tracked<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Tracked { inner }
+        Tracked {
+            inner,
+            request_timeout: self.request_timeout,
+        }
     }
 }
 
@@ -292,6 +301,7 @@ impl<S> Layer<S> for CallTracker {
 #[derive(Debug, Clone)]
 pub struct Tracked<S> {
     inner: S,
+    request_timeout: Option<std::time::Duration>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Tracked<S>
@@ -299,7 +309,7 @@ where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<TrackedBody<ResBody>>;
     type Error = S::Error;
@@ -311,15 +321,66 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let guard = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
+        let limit = call_deadline(request.headers(), self.request_timeout);
         let call = self.inner.call(request);
         Box::pin(async move {
-            let response = call.await?;
+            // tonic enforces the same deadline one layer further out, but
+            // answers CANCELLED; this one fires first and answers gRPC's
+            // status for it. Dropping the call cancels its handler.
+            let response = match limit {
+                None => call.await?,
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(response) => response?,
+                    Err(_) => tonic::Status::deadline_exceeded(
+                        "the call's deadline passed before it was answered",
+                    )
+                    .into_http(),
+                },
+            };
             Ok(response.map(|body| TrackedBody {
                 inner: body,
                 _guard: guard,
             }))
         })
     }
+}
+
+/// How long a call may take to answer: the shorter of its `grpc-timeout`
+/// and `--request-timeout-s`, less a millisecond so that this layer fires
+/// before tonic's timer of the same deadline (tokio's timers tick in
+/// milliseconds).
+fn call_deadline(
+    headers: &http::HeaderMap,
+    request_timeout: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let header = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            // At most 8 digits and a unit (gRPC over HTTP/2).
+            let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+            let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+            Some(match unit {
+                "H" => Duration::from_secs(n.saturating_mul(3600)),
+                "M" => Duration::from_secs(n.saturating_mul(60)),
+                "S" => Duration::from_secs(n),
+                "m" => Duration::from_millis(n),
+                "u" => Duration::from_micros(n),
+                "n" => Duration::from_nanos(n),
+                _ => return None,
+            })
+        });
+    let limit = match (header, request_timeout) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    let margin = Duration::from_millis(1);
+    Some(if limit > 2 * margin {
+        limit - margin
+    } else {
+        limit / 2
+    })
 }
 
 /// A response body that keeps its call counted as open until it is done.
@@ -355,6 +416,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_calls_deadline_is_the_shorter_of_its_grpc_timeout_and_the_servers() {
+        use std::time::Duration;
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", http::HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let none = http::HeaderMap::new();
+        assert_eq!(call_deadline(&none, None), None);
+        assert_eq!(
+            call_deadline(&with("50m"), None),
+            Some(Duration::from_millis(49))
+        );
+        assert_eq!(
+            call_deadline(&with("2S"), Some(Duration::from_millis(100))),
+            Some(Duration::from_millis(99))
+        );
+        assert_eq!(
+            call_deadline(&with("1H"), None),
+            Some(Duration::from_secs(3600) - Duration::from_millis(1))
+        );
+        assert_eq!(
+            call_deadline(&with("1000u"), None),
+            Some(Duration::from_micros(500))
+        );
+        // Malformed: ignored (tonic refuses or ignores it too).
+        assert_eq!(call_deadline(&with("5x"), None), None);
+        assert_eq!(call_deadline(&with("123456789m"), None), None);
+    }
 
     #[test]
     fn tokens_compare_whole() {
