@@ -1,7 +1,7 @@
 //! Deep nearest neighbours (Sun et al., ICML 2022), as OpenOOD's
 //! `knn_postprocessor.py`.
 
-use ndarray::linalg::general_mat_mul;
+use ndarray::linalg::{general_mat_mul, general_mat_vec_mul};
 use std::sync::Arc;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -49,6 +49,9 @@ pub struct KnnBank {
     half_norm2: Vec<f32>,
     max_norm: f64,
 }
+
+/// Below this many queries the search uses matrix–vector products.
+const SMALL_BATCH: usize = 4;
 
 /// Bank rows per GEMM: a batch of 32 queries gets a 32 × 2048 block of dot
 /// products (256 KiB), which stays in L2 while the candidates are offered.
@@ -184,7 +187,16 @@ impl KnnBank {
                 .map_err(|e| DetectorError::Internal(e.to_string()))?;
             let mut c = ArrayViewMut2::from_shape((n, r), &mut dots[..n * r])
                 .map_err(|e| DetectorError::Internal(e.to_string()))?;
-            general_mat_mul(1.0, &q, &block.t(), 0.0, &mut c);
+            if n < SMALL_BATCH {
+                // A GEMM packs the block for every call, which a few
+                // queries cannot repay: row-by-row dot products instead
+                // (ndarray's unrolled, vectorised dot).
+                for (i, mut row) in c.outer_iter_mut().enumerate() {
+                    general_mat_vec_mul(1.0, &block, &q.row(i), 0.0, &mut row);
+                }
+            } else {
+                general_mat_mul(1.0, &q, &block.t(), 0.0, &mut c);
+            }
             let half = &self.half_norm2[start..start + r];
             for (cand, row) in cands.iter_mut().zip(dots[..n * r].chunks_exact(r)) {
                 cand.offer(row, half, start);
