@@ -68,6 +68,7 @@ fn main() {
         &GradOptions {
             std: common::STD.to_vec(),
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect("derive");

@@ -10,8 +10,9 @@
 #   about 2x slower; the server says so at start-up.
 # With --tests it also creates .venv-test/, the Python used by the tests'
 # independent clients (grpcio with reflection, NVIDIA's tritonclient), and
-# reinstalls the pins into an existing one that lacks any of them.
-# Idempotent: a second run does nothing.
+# reinstalls the pins into an existing one that lacks any of them; and
+# .venv-ref/, the NumPy/ONNX Runtime reference of the detectors (--ref
+# creates only that one). Idempotent: a second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +70,14 @@ if ! have_turbojpeg; then
   else
     echo "setup: libjpeg-turbo (TurboJPEG 2.x) not found and no apt-get here: install it with your package manager" \
          "(or set TURBOJPEG_LIB_DIR) for fast JPEG decoding; building with the pure-Rust fallback" >&2
+  fi
+fi
+
+if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--ref" ]; then
+  if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c "import numpy, onnx, onnxruntime" 2>/dev/null; then
+    echo "setup: creating .venv-ref with numpy, onnx and onnxruntime for the detectors' reference test" >&2
+    "$PYTHON" -m venv .venv-ref
+    .venv-ref/bin/python -m pip install --quiet -r scripts/requirements-ref.txt
   fi
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, as `make test` runs it: `cargo test`, then one line per
-# test that skipped because ../shared/data (or $ODIN_DATA) is absent, and
-# their count. Tests record their skips under target/test-skips/.
+# test that skipped (no ../shared/data or $ODIN_DATA, no GPU), and their
+# count. Tests record their skips under target/test-skips/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 skips="$PWD/target/test-skips"
@@ -13,6 +13,7 @@ if compgen -G "$skips/*" >/dev/null; then
   echo
   cat "$skips"/* | sort
   n=$(cat "$skips"/* | wc -l)
-  echo "$n tests skipped: no data at $(cat "$skips"/* | sed -n 's/.*no data at \([^ ]*\).*/\1/p' | head -1)"
+  data=$(cat "$skips"/* | grep -c 'no data at' || true)
+  echo "$n tests skipped (the lines above say why; $data for want of data)"
 fi
 exit "$status"

@@ -10,11 +10,12 @@ use tokio::sync::watch;
 
 use crate::config::{ServeConfig, MAX_MESSAGE_BYTES};
 use crate::domain::{ModelInfo, ScoringInfo, Versions};
-use crate::engine::{Device, Engine, EngineError, Provider};
+use crate::engine::{Device, Engine, EngineError, Graphs, Provider};
 use crate::model::{Model, ModelError};
 use crate::pipeline::{
     Batcher, Generation, Pipeline, PipelineOptions, Preprocessor, ScoringOptions,
 };
+use crate::score::{LoadedStats, Scorers};
 use crate::server::tls::{TlsAcceptors, TlsError};
 use crate::server::{self, conn, stack, DetectorService, Health, InferenceService};
 use crate::telemetry::{ServedModel, Telemetry};
@@ -30,6 +31,15 @@ pub enum StartError {
     /// ONNX Runtime or the session.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A fit statistics file cannot be used.
+    #[error("fit statistics {0}")]
+    Stats(String),
+    /// The configured detector cannot be served.
+    #[error("detector {0}")]
+    Detector(String),
+    /// The configured method needs the penultimate features, which could not be tapped.
+    #[error("method needs the model's penultimate features: {0}")]
+    Features(String),
     /// The configured method needs the gradient graph, which could not be derived.
     #[error("method needs the ODIN gradient graph, which could not be derived: {0}")]
     Gradient(String),
@@ -84,7 +94,7 @@ impl App {
     pub async fn build(config: &ServeConfig) -> Result<App, StartError> {
         config.validate()?;
         let mut config = config.clone();
-        let calibration = config.apply_calibration()?;
+        let calibration = versioned(config.apply_calibration()?, &config);
         crate::pipeline::decode::log_backend();
         let loaded = Loaded::load(&config).await?;
         let provider = loaded.engines[0].provider();
@@ -102,7 +112,7 @@ impl App {
         if telemetry.tracing() {
             tracing::info!("exporting spans over OTLP/gRPC");
         }
-        let generation = loaded.into_generation(&config, calibration, &telemetry);
+        let generation = loaded.into_generation(&config, calibration, &telemetry)?;
         let info = generation.info.clone();
         tracing::info!(
             model = %info.name,
@@ -330,8 +340,8 @@ impl Loaded {
         let digest = crate::model::short_digest(&model.onnx);
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            let gradient = gradient_graph(&model, &config)?;
-            let engines = load_engines(&model, gradient.as_deref(), &config)?;
+            let graphs = graphs(&model, &config)?;
+            let engines = load_engines(&model, &graphs, &config)?;
             Ok(Loaded {
                 model,
                 engines,
@@ -348,20 +358,26 @@ impl Loaded {
         config: &ServeConfig,
         calibration: String,
         telemetry: &Arc<Telemetry>,
-    ) -> Generation {
+    ) -> Result<Generation, StartError> {
         let versions = Versions {
             model: format!("{}@{}", self.model.card.version, self.digest).into(),
             calibration: calibration.into(),
         };
-        let info = model_info(&self.model, &self.engines[0], config, versions);
+        let scorers = Arc::new(load_scorers(
+            config,
+            &self.model,
+            self.engines[0].feature_dim(),
+        )?);
+        let info = model_info(&self.model, &self.engines[0], config, versions, &scorers);
         let can_perturb = self.engines[0].can_perturb();
-        Generation {
+        Ok(Generation {
             preprocessor: preprocessor(&self.model, config),
             batcher: Batcher::start(self.engines, config.batch, Arc::clone(telemetry)),
             scoring: scoring_options(config, can_perturb),
+            scorers,
             labels: self.model.card.labels.clone(),
             info,
-        }
+        })
     }
 }
 
@@ -408,7 +424,7 @@ impl Reloader {
         let state = &self.0;
         let _one = state.one_at_a_time.lock().await;
         let mut config = state.config.clone();
-        let calibration = config.apply_calibration()?;
+        let calibration = versioned(config.apply_calibration()?, &config);
         let current = state.pipeline.current();
         let model = Model::load(&config.model)?;
         let same_model = format!(
@@ -431,19 +447,26 @@ impl Reloader {
                     "the new calibration needs the gradient graph, which this model lacks".into(),
                 ));
             }
-            info.scoring = scoring_info(&config, scoring.can_perturb);
+            let dim = current.info.scoring.feature_dim;
+            let scorers = Arc::new(load_scorers(
+                &config,
+                &model,
+                (dim > 0).then_some(dim as usize),
+            )?);
+            info.scoring = scoring_info(&config, scoring.can_perturb, &scorers);
             info.versions = versions;
             Generation {
                 preprocessor: current.preprocessor.clone(),
                 batcher: current.batcher.clone(),
                 scoring,
+                scorers,
                 labels: current.labels.clone(),
                 info,
             }
         } else {
             Loaded::load(&config)
                 .await?
-                .into_generation(&config, calibration, &state.telemetry)
+                .into_generation(&config, calibration, &state.telemetry)?
         };
         let versions = generation.info.versions.clone();
         state.pipeline.install(generation);
@@ -470,6 +493,7 @@ impl Reloader {
         if let crate::config::CalibrationSource::File(path) = &config.calibration {
             files.push(path.clone());
         }
+        files.extend(config.fit_stats.iter().cloned());
         files
     }
 }
@@ -505,15 +529,12 @@ async fn watch_files(reloader: Reloader) {
     }
 }
 
-/// The model, one engine (with the gradient graph when it can be derived)
+/// The model, one engine (with the fused graph when it can be derived)
 /// and the preprocessor: what the offline subcommands (`calibrate`, `eval`)
 /// run on, without a server.
 pub fn offline_engine(config: &ServeConfig) -> Result<(Model, Engine, Preprocessor), StartError> {
-    let model = Model::load(&config.model)?;
-    let gradient = gradient_graph(&model, config)?;
-    let engine = Engine::load(&model, gradient.as_deref(), &config.engine)?;
-    let preprocessor = preprocessor(&model, config);
-    Ok((model, engine, preprocessor))
+    let offline = Offline::load(config)?;
+    Ok((offline.model, offline.engine, offline.preprocessor))
 }
 
 /// The model's preprocessor under the configured limits and decode options.
@@ -521,54 +542,139 @@ pub fn preprocessor(model: &Model, config: &ServeConfig) -> Preprocessor {
     Preprocessor::with_options(&model.card.input, config.decode_limits(), config.decode)
 }
 
-/// The ODIN gradient graph of `model`, derived at start-up. A model the
-/// pass cannot differentiate is still served with the methods that need no
-/// perturbation — unless the configured method needs one.
-fn gradient_graph(model: &Model, config: &ServeConfig) -> Result<Option<Vec<u8>>, StartError> {
+/// What the offline subcommands run on: the model, its graphs (feature
+/// taps included), one engine and the preprocessor.
+#[derive(Debug)]
+pub struct Offline {
+    /// The model and its card.
+    pub model: Model,
+    /// Its graphs and feature taps.
+    pub graphs: Graphs,
+    /// One engine.
+    pub engine: Engine,
+    /// Frames to input tensors.
+    pub preprocessor: Preprocessor,
+}
+
+impl Offline {
+    /// Loads the model and builds one engine.
+    pub fn load(config: &ServeConfig) -> Result<Offline, StartError> {
+        let model = Model::load(&config.model)?;
+        let graphs = graphs(&model, config)?;
+        let engine = Engine::load(&model, Some(&graphs), &config.engine)?;
+        let preprocessor = preprocessor(&model, config);
+        Ok(Offline {
+            model,
+            graphs,
+            engine,
+            preprocessor,
+        })
+    }
+}
+
+/// The graphs `model` is served with, derived at start-up: the model with
+/// its penultimate features exposed (when the graph analysis or the card
+/// finds them), and the ODIN graph — fused with the forward pass on the
+/// perturbed input unless `--engine two-session`. A model without features
+/// is still served with the methods that need none, and one the gradient
+/// pass cannot differentiate with the methods that need no perturbation —
+/// unless the configured method needs them.
+pub fn graphs(model: &Model, config: &ServeConfig) -> Result<Graphs, StartError> {
+    let scoring = config.scoring();
+    let taps = match crate::grad::taps::find_in_bytes(&model.onnx, model.card.features.as_deref()) {
+        Ok(taps) => {
+            tracing::info!(
+                features = %taps.features,
+                dim = taps.dim,
+                layer = %taps.layer,
+                from_card = taps.from_card,
+                "tapped the penultimate features"
+            );
+            Some(Arc::new(taps))
+        }
+        Err(e) if scoring.method.needs_features() => {
+            return Err(StartError::Features(e.to_string()))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no feature taps: the feature-space detectors are unavailable");
+            None
+        }
+    };
+    let forward: Arc<[u8]> = match &taps {
+        Some(t) => crate::grad::taps::with_features_output(&model.onnx, t)
+            .map_err(|e| StartError::Features(e.to_string()))?
+            .into(),
+        None => Arc::clone(&model.onnx),
+    };
     let options = crate::grad::GradOptions {
         std: model.card.input.std.clone(),
         raw_gradient: false,
+        features: taps.as_ref().map(|t| t.features.clone()),
+        fused: config.engine.fused,
     };
-    match crate::grad::derive(&model.onnx, &options) {
+    let gradient = match crate::grad::derive(&model.onnx, &options) {
         Ok(derived) => {
             for note in &derived.summary.notes {
                 tracing::info!(%note, "gradient pass");
             }
             tracing::info!(
                 nodes_added = derived.summary.nodes_added,
+                fused = config.engine.fused,
                 "derived the ODIN gradient graph"
             );
-            Ok(Some(derived.bytes))
+            Some(Arc::from(derived.bytes))
         }
-        Err(e) if config.scoring().perturbation().is_some() => {
-            Err(StartError::Gradient(e.to_string()))
+        Err(e) if scoring.perturbation().is_some() => {
+            return Err(StartError::Gradient(e.to_string()))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "no gradient graph: odin and perturbed energy are unavailable");
-            Ok(None)
+            tracing::warn!(error = %e, "no gradient graph: odin and perturbed scores are unavailable");
+            None
         }
-    }
+    };
+    Ok(Graphs {
+        forward,
+        fused: config.engine.fused && gradient.is_some(),
+        gradient,
+        taps,
+    })
 }
 
 fn load_engines(
     model: &Model,
-    gradient: Option<&[u8]>,
+    graphs: &Graphs,
     config: &ServeConfig,
 ) -> Result<Vec<Engine>, StartError> {
     let input = &model.card.input;
     let zeros = vec![0.0f32; (input.channels * input.height * input.width) as usize];
     (0..config.workers)
         .map(|_| {
-            let mut engine = Engine::load(model, gradient, &config.engine)?;
+            let mut engine = Engine::load(model, Some(graphs), &config.engine)?;
             // Warm-up: the first run allocates and picks kernels, for both graphs.
-            let perturbation = engine.can_perturb().then_some(crate::score::Perturbation {
-                temperature: 1000.0,
-                epsilon: 0.0014,
-            });
-            engine.run(&zeros, 1, perturbation)?;
+            engine.run(&zeros, 1, None)?;
+            if engine.can_perturb() {
+                let odin = crate::score::Perturbation {
+                    temperature: 1000.0,
+                    epsilon: 0.0014,
+                };
+                engine.run(&zeros, 1, Some(odin))?;
+            }
             Ok(engine)
         })
         .collect()
+}
+
+/// The calibration version, with the start of the SHA-256 of every
+/// `--fit-stats` file appended, so that a reload notices a refitted file.
+fn versioned(calibration: String, config: &ServeConfig) -> String {
+    let mut version = calibration;
+    for path in &config.fit_stats {
+        let digest = std::fs::read(path)
+            .map(|b| crate::model::short_digest(&b))
+            .unwrap_or_else(|_| "unreadable".into());
+        version = format!("{version}+{digest}");
+    }
+    version
 }
 
 /// The bearer token in `path`: its first line, trimmed. An empty or
@@ -592,6 +698,7 @@ fn model_info(
     engine: &Engine,
     config: &ServeConfig,
     versions: Versions,
+    scorers: &Scorers,
 ) -> ModelInfo {
     let card = &model.card;
     let shape = engine.shape();
@@ -608,11 +715,11 @@ fn model_info(
             ..card.input.clone()
         },
         execution_provider: engine.provider().to_string(),
-        scoring: scoring_info(config, engine.can_perturb()),
+        scoring: scoring_info(config, engine.can_perturb(), scorers),
     }
 }
 
-fn scoring_info(config: &ServeConfig, can_perturb: bool) -> ScoringInfo {
+fn scoring_info(config: &ServeConfig, can_perturb: bool, scorers: &Scorers) -> ScoringInfo {
     ScoringInfo {
         method: config.method.to_string(),
         temperature: config.temperature,
@@ -623,5 +730,72 @@ fn scoring_info(config: &ServeConfig, can_perturb: bool) -> ScoringInfo {
         max_temperature: config.bounds.max_temperature,
         max_epsilon: config.bounds.max_epsilon,
         perturbation_available: can_perturb,
+        detector: match (config.method, scorers.combination()) {
+            (crate::score::Method::Combined, Some(c)) => format!("combined: {}", c.describe()),
+            (method, _) => method.to_string(),
+        },
+        fit_stats: scorers
+            .stats()
+            .iter()
+            .map(|s| match s.perturbation() {
+                None => s.name.clone(),
+                Some(p) => format!(
+                    "{} (training features perturbed at T = {}, ε = {})",
+                    s.name, p.temperature, p.epsilon
+                ),
+            })
+            .collect(),
+        feature_dim: scorers.dim().map_or(0, |d| d as u32),
     }
+}
+
+/// The fit statistics `config` names (the calibration's, then
+/// `--fit-stats`), checked against their digests and the model, and the
+/// scorers built on them; the configured scoring must be servable.
+pub fn load_scorers(
+    config: &ServeConfig,
+    model: &Model,
+    dim: Option<usize>,
+) -> Result<Scorers, StartError> {
+    let model_sha = crate::model::sha256_hex(&model.onnx);
+    let mut files: Vec<(std::path::PathBuf, Option<String>)> = config
+        .calibrated_stats
+        .iter()
+        .map(|(p, sha)| (p.clone(), Some(sha.clone())))
+        .collect();
+    for extra in &config.fit_stats {
+        if !files.iter().any(|(p, _)| p == extra) {
+            files.push((extra.clone(), None));
+        }
+    }
+    let mut stats = Vec::with_capacity(files.len());
+    for (path, want) in files {
+        let bad = |e: String| StartError::Stats(format!("{}: {e}", path.display()));
+        let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let sha = crate::model::sha256_hex(&bytes);
+        if let Some(want) = want {
+            if !want.eq_ignore_ascii_case(&sha) {
+                return Err(bad(format!(
+                    "SHA-256 is {sha}, the calibration expects {want}: the statistics changed since it was calibrated"
+                )));
+            }
+        }
+        let loaded = crate::fit::Stats::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        loaded
+            .check_model(&model_sha)
+            .map_err(|e| bad(e.to_string()))?;
+        let name = path
+            .file_name()
+            .map_or_else(|| "fit-stats".into(), |n| n.to_string_lossy().into_owned());
+        stats.push(Arc::new(LoadedStats::new(
+            loaded,
+            format!("{name} (sha256 {}…)", &sha[..8]),
+            sha,
+        )));
+    }
+    let scorers = Scorers::new(stats, config.combination.clone(), dim);
+    scorers
+        .check(&config.scoring())
+        .map_err(|e| StartError::Detector(format!("{}: {e}", config.method)))?;
+    Ok(scorers)
 }

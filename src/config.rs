@@ -213,6 +213,15 @@ pub struct ServeConfig {
     /// Where method, T, ε and threshold came from; a calibration file is
     /// read again on a live reload.
     pub calibration: CalibrationSource,
+    /// Fit statistics files given with `--fit-stats`, for the
+    /// feature-space detectors (besides those the calibration names).
+    pub fit_stats: Vec<std::path::PathBuf>,
+    /// The fit statistics the calibration names, resolved against its
+    /// folder, with the SHA-256 each must have.
+    pub calibrated_stats: Vec<(std::path::PathBuf, String)>,
+    /// The calibrated combination, when the method is `combined` (its
+    /// parts' statistics index `calibrated_stats`).
+    pub combination: Option<crate::score::Combination>,
     /// Bounds on per-frame scoring overrides.
     pub bounds: OverrideBounds,
     /// Frames one stream may have in flight.
@@ -248,6 +257,7 @@ impl Default for ServeConfig {
             engine: EngineOptions {
                 device: Device::Auto,
                 intra_threads: DEFAULT_INTRA_THREADS,
+                fused: true,
             },
             workers: DEFAULT_WORKERS,
             batch: BatchOptions {
@@ -261,6 +271,9 @@ impl Default for ServeConfig {
             threshold: DEFAULT_THRESHOLD,
             threshold_source: "flag".into(),
             calibration: CalibrationSource::Flags,
+            fit_stats: Vec::new(),
+            calibrated_stats: Vec::new(),
+            combination: None,
             bounds: DEFAULT_OVERRIDE_BOUNDS,
             stream_window: order::DEFAULT_WINDOW,
             decode_threads: DEFAULT_DECODE_THREADS,
@@ -314,7 +327,11 @@ impl ServeConfig {
     pub fn apply_calibration(&mut self) -> Result<String, ConfigError> {
         use crate::calib::calibrate::Calibration;
         let (calibration, source, version) = match &self.calibration {
-            CalibrationSource::Flags => return Ok("flags".into()),
+            CalibrationSource::Flags => {
+                self.calibrated_stats.clear();
+                self.combination = None;
+                return Ok("flags".into());
+            }
             CalibrationSource::BuiltIn => {
                 let text = crate::model::DEFAULT_MODEL_CALIBRATION;
                 let calibration = Calibration::parse(text, "<embedded>")
@@ -339,6 +356,19 @@ impl ServeConfig {
                 (calibration, source, version)
             }
         };
+        let folder = match &self.calibration {
+            CalibrationSource::File(path) => path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+            _ => std::path::PathBuf::new(),
+        };
+        self.calibrated_stats = calibration
+            .fit_stats
+            .iter()
+            .map(|r| (folder.join(&r.file), r.sha256.clone()))
+            .collect();
+        self.combination = calibration.combination();
         self.method = calibration.method();
         self.temperature = calibration.temperature;
         self.epsilon = calibration.epsilon;

@@ -201,4 +201,11 @@ pub struct ScoringInfo {
     pub max_epsilon: f32,
     /// Whether the gradient graph is loaded, so ODIN can be asked for.
     pub perturbation_available: bool,
+    /// The detector in full (a combination's parts, weights and inputs).
+    pub detector: String,
+    /// The fit statistics loaded: file name, start of the SHA-256, and
+    /// whether their training features were perturbed.
+    pub fit_stats: Vec<String>,
+    /// The penultimate features' dimension D; 0 when not tapped.
+    pub feature_dim: u32,
 }

@@ -122,7 +122,7 @@ pub enum FrameError {
     },
     /// A per-frame scoring override names an unknown method.
     #[error(
-        "unknown scoring method {0:?} in the frame's override: use msp, odin, energy or maxlogit"
+        "unknown scoring method {0:?} in the frame's override: use msp, odin, energy, maxlogit, gen, knn, vim, mds, rmds, react, fdbd or combined"
     )]
     UnknownMethod(String),
     /// A per-frame scoring override is outside the configured bounds.
@@ -142,6 +142,11 @@ pub enum FrameError {
         "method {0} with epsilon > 0 needs the gradient graph, which this server did not load"
     )]
     PerturbationUnavailable(String),
+    /// The frame asks for a detector this server cannot run: no feature
+    /// taps, no fit statistics (or none with that KNN k, ViM D or ReAct
+    /// percentile), or a combination at another T or ε.
+    #[error("detector unavailable: {0}")]
+    DetectorUnavailable(String),
     /// The engine failed on the batch that carried this frame.
     #[error("inference failed: {0}")]
     Engine(EngineError),
@@ -187,6 +192,8 @@ pub enum Reason {
     OverrideOutOfBounds,
     /// See [`FrameError::PerturbationUnavailable`].
     PerturbationUnavailable,
+    /// See [`FrameError::DetectorUnavailable`].
+    DetectorUnavailable,
     /// See [`FrameError::Engine`].
     EngineFailed,
     /// See [`FrameError::Internal`].
@@ -197,7 +204,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in a fixed order (the metric's series order).
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::EmptyFrame,
         Reason::DecodeFailed,
         Reason::SizeMismatch,
@@ -213,6 +220,7 @@ impl Reason {
         Reason::UnknownMethod,
         Reason::OverrideOutOfBounds,
         Reason::PerturbationUnavailable,
+        Reason::DetectorUnavailable,
         Reason::EngineFailed,
         Reason::Internal,
         Reason::Unavailable,
@@ -236,6 +244,7 @@ impl Reason {
             Reason::UnknownMethod => "UNKNOWN_METHOD",
             Reason::OverrideOutOfBounds => "OVERRIDE_OUT_OF_BOUNDS",
             Reason::PerturbationUnavailable => "PERTURBATION_UNAVAILABLE",
+            Reason::DetectorUnavailable => "DETECTOR_UNAVAILABLE",
             Reason::EngineFailed => "ENGINE_FAILED",
             Reason::Internal => "INTERNAL",
             Reason::Unavailable => "UNAVAILABLE",
@@ -247,7 +256,9 @@ impl Reason {
         match self {
             Reason::EngineFailed | Reason::Internal => Code::Internal,
             Reason::Unavailable => Code::Unavailable,
-            Reason::PerturbationUnavailable => Code::FailedPrecondition,
+            Reason::PerturbationUnavailable | Reason::DetectorUnavailable => {
+                Code::FailedPrecondition
+            }
             Reason::DeadlineExceeded => Code::DeadlineExceeded,
             Reason::EmptyFrame
             | Reason::DecodeFailed
@@ -290,6 +301,7 @@ impl FrameError {
             FrameError::UnknownMethod(_) => Reason::UnknownMethod,
             FrameError::OverrideOutOfBounds { .. } => Reason::OverrideOutOfBounds,
             FrameError::PerturbationUnavailable(_) => Reason::PerturbationUnavailable,
+            FrameError::DetectorUnavailable(_) => Reason::DetectorUnavailable,
             FrameError::Engine(_) => Reason::EngineFailed,
             FrameError::Internal(_) => Reason::Internal,
             FrameError::Unavailable => Reason::Unavailable,
@@ -411,6 +423,7 @@ mod tests {
                 max: 2.0,
             },
             FrameError::PerturbationUnavailable("odin".into()),
+            FrameError::DetectorUnavailable("knn(k=50): no fit statistics".into()),
             FrameError::Engine(EngineError::Model("x".into())),
             FrameError::Internal("x".into()),
             FrameError::Unavailable,
@@ -438,6 +451,7 @@ mod tests {
             | FrameError::UnknownMethod(_)
             | FrameError::OverrideOutOfBounds { .. }
             | FrameError::PerturbationUnavailable(_)
+            | FrameError::DetectorUnavailable(_)
             | FrameError::Engine(_)
             | FrameError::Internal(_)
             | FrameError::Unavailable => {}
@@ -464,6 +478,7 @@ mod tests {
             | Reason::UnknownMethod
             | Reason::OverrideOutOfBounds
             | Reason::PerturbationUnavailable
+            | Reason::DetectorUnavailable
             | Reason::EngineFailed
             | Reason::Internal
             | Reason::Unavailable => {}
@@ -482,6 +497,10 @@ mod tests {
         assert_eq!(FrameError::Unavailable.code(), Code::Unavailable);
         assert_eq!(
             FrameError::PerturbationUnavailable("odin".into()).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            FrameError::DetectorUnavailable("knn".into()).code(),
             Code::FailedPrecondition
         );
     }

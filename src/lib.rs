@@ -46,6 +46,8 @@ pub mod score;
 
 pub mod calib;
 
+pub mod fit;
+
 pub mod dataset;
 
 // Observability and load generation.

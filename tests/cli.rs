@@ -333,6 +333,7 @@ fn export_grad_writes_the_gradient_graph_of_the_built_in_model() {
         &odin_sidecar::grad::GradOptions {
             std: builtin_card().input.std,
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect("derives");

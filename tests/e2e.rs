@@ -438,7 +438,7 @@ async fn detect_one_and_model_info_answer_unary_calls() {
             scoring.threshold
         ),
         (
-            config.method.as_str(),
+            &*config.method.as_str(),
             config.temperature,
             config.epsilon,
             config.threshold
@@ -749,6 +749,8 @@ fn perturbed_logits(
     let options = GradOptions {
         std: reference.card.input.std.clone(),
         raw_gradient: false,
+        features: None,
+        fused: false,
     };
     let g = derive(odin_sidecar::model::DEFAULT_MODEL_ONNX, &options).expect("derives");
     let mut g = session(&g.bytes);

@@ -17,6 +17,7 @@ fn derived(model: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     let opts = GradOptions {
         std: STD.to_vec(),
         raw_gradient: true,
+        ..Default::default()
     };
     let d = derive(&plain, &opts).expect("derive");
     eprintln!("{model}:\n{}", d.summary);

@@ -126,7 +126,11 @@ fn in_dir(dir: &Path, how: &str) -> Option<Found> {
             "static",
         )
     } else if dir.join("libturbojpeg.so").exists() {
-        ("turbojpeg".to_string(), dir.join("libturbojpeg.so"), "dylib")
+        (
+            "turbojpeg".to_string(),
+            dir.join("libturbojpeg.so"),
+            "dylib",
+        )
     } else if dir.join("libturbojpeg.so.0").exists() {
         (
             ":libturbojpeg.so.0".to_string(),

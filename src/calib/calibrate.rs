@@ -15,13 +15,16 @@ pub const TEMPERATURES: [f32; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200
 
 /// The paper's ε grid: 21 values evenly from 0 to 0.004.
 pub fn epsilons() -> Vec<f32> {
-    (0..21).map(|i| i as f32 * 0.0002).collect()
+    // In f64 first, so each ε is the f32 nearest its decimal (0.0032, not
+    // 0.0032000001).
+    (0..21).map(|i| (f64::from(i) * 0.0002) as f32).collect()
 }
 
 /// A calibration: what `serve --calibration` loads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    /// Scoring method (odin).
+    /// Scoring method with its hyper-parameters, e.g. `odin`, `knn(k=10)`
+    /// or `combined` (see `combination`).
     pub method: String,
     /// Temperature T.
     pub temperature: f32,
@@ -39,6 +42,68 @@ pub struct Calibration {
     pub metrics: Option<PointMetrics>,
     /// How (T, ε) were chosen.
     pub selection: String,
+    /// The fit statistics the detector needs (feature-space methods), by
+    /// file name relative to this file's folder (or absolute) and SHA-256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fit_stats: Vec<StatsRef>,
+    /// For `combined`: the parts, their weights and z-score statistics; the
+    /// parts that read perturbed frames share this file's T and ε.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combination: Option<CombinationSpec>,
+    /// `calibrate --auto`: the best candidates of the search on the tuning
+    /// split, best first (informative; not read by `serve`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaderboard: Vec<Candidate>,
+}
+
+/// A fit statistics file a calibration needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsRef {
+    /// Its path, relative to the calibration file's folder, or absolute.
+    pub file: String,
+    /// SHA-256 (hex) of the file: a different file is refused.
+    pub sha256: String,
+    /// The perturbation its training features were taken under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perturbation: Option<crate::fit::FitPerturbation>,
+}
+
+/// A z-scored weighted sum of detectors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CombinationSpec {
+    /// Its parts.
+    pub parts: Vec<PartSpec>,
+}
+
+/// One part of a combination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartSpec {
+    /// The method, e.g. `odin` or `knn(k=10)` (not `combined`).
+    pub method: String,
+    /// Its softmax temperature (msp, odin, energy; 1 otherwise).
+    pub temperature: f32,
+    /// Whether it reads the perturbed frame.
+    pub perturbed: bool,
+    /// Weight.
+    pub weight: f64,
+    /// Mean of its scores on the in-distribution tuning images.
+    pub mean: f64,
+    /// Their standard deviation (population).
+    pub std: f64,
+    /// Index in `fit_stats` of the statistics it uses (feature detectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<usize>,
+}
+
+/// One scored candidate of a search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// What was scored.
+    pub detector: String,
+    /// FPR at the calibration TPR on the pooled tuning OOD images.
+    pub fpr_at_tpr: f64,
+    /// AUROC there.
+    pub auroc: f64,
 }
 
 /// The images a calibration was fit on.
@@ -92,7 +157,43 @@ impl Calibration {
         };
         let calibration: Calibration =
             serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        calibration.method.parse::<Method>().map_err(invalid)?;
+        let method = calibration.method.parse::<Method>().map_err(invalid)?;
+        match (&calibration.combination, method) {
+            (None, Method::Combined) => {
+                return Err(invalid("method combined needs a combination".into()))
+            }
+            (Some(c), _) => {
+                if c.parts.is_empty() {
+                    return Err(invalid("the combination has no parts".into()));
+                }
+                for part in &c.parts {
+                    let m = part.method.parse::<Method>().map_err(invalid)?;
+                    if m == Method::Combined {
+                        return Err(invalid("a combination cannot contain another".into()));
+                    }
+                    if !(part.std > 0.0
+                        && part.std.is_finite()
+                        && part.mean.is_finite()
+                        && part.weight.is_finite()
+                        && part.temperature > 0.0)
+                    {
+                        return Err(invalid(format!(
+                            "combination part {}: weight, mean and temperature must be finite, std and temperature positive",
+                            part.method
+                        )));
+                    }
+                    if let Some(i) = part.stats {
+                        if i >= calibration.fit_stats.len() {
+                            return Err(invalid(format!(
+                                "combination part {} uses fit_stats[{i}], which is not listed",
+                                part.method
+                            )));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
         if !(calibration.temperature > 0.0
             && calibration.epsilon >= 0.0
             && calibration.threshold.is_finite())
@@ -107,6 +208,36 @@ impl Calibration {
     /// The scoring method.
     pub fn method(&self) -> Method {
         self.method.parse().unwrap_or(Method::Odin)
+    }
+
+    /// The combination as the scorers take it (statistics by their index
+    /// in `fit_stats`), when the method is `combined`.
+    pub fn combination(&self) -> Option<crate::score::Combination> {
+        use crate::score::{Combination, CombinationPart, Perturbation, ScoreNorm, StatsChoice};
+        let spec = self.combination.as_ref()?;
+        let parts = spec
+            .parts
+            .iter()
+            .map(|p| CombinationPart {
+                method: p.method.parse().unwrap_or(Method::Msp),
+                temperature: p.temperature,
+                perturbed: p.perturbed,
+                weight: p.weight,
+                norm: ScoreNorm {
+                    mean: p.mean,
+                    std: p.std,
+                    n: 0,
+                },
+                stats: p.stats.map_or(StatsChoice::Auto, StatsChoice::Index),
+            })
+            .collect();
+        Some(Combination {
+            perturbation: (self.epsilon > 0.0).then_some(Perturbation {
+                temperature: self.temperature,
+                epsilon: self.epsilon,
+            }),
+            parts,
+        })
     }
 }
 
@@ -193,6 +324,9 @@ mod tests {
             },
             metrics: None,
             selection: "defaults".into(),
+            fit_stats: vec![],
+            combination: None,
+            leaderboard: vec![],
         };
         let path = std::env::temp_dir().join(format!("odin-cal-{}.json", std::process::id()));
         std::fs::write(&path, serde_json::to_string(&c).expect("json")).expect("write");

@@ -5,4 +5,5 @@ pub mod calibrate;
 pub mod metrics;
 pub mod plot;
 pub mod scores;
+pub mod search;
 pub mod sets;

@@ -12,8 +12,9 @@ pub struct Curve {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLORS: [&str; 6] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+const COLORS: [&str; 12] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#000000", "#aec7e8",
 ];
 
 /// Renders the ROC curves of one OOD set as an SVG document.
@@ -22,7 +23,17 @@ pub fn roc_svg(title: &str, curves: &[Curve]) -> String {
     let x = |fpr: f64| margin + fpr * size;
     let y = |tpr: f64| margin + (1.0 - tpr) * size;
     let mut svg = String::new();
-    let (w, h) = (size + 2.0 * margin + 270.0, size + 2.0 * margin);
+    let longest = curves
+        .iter()
+        .map(|c| c.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    let legend = (longest as f64 * 6.5 + 40.0).max(270.0);
+    let rows = margin + 20.0 * curves.len() as f64 + 20.0;
+    let (w, h) = (
+        size + 2.0 * margin + legend,
+        (size + 2.0 * margin).max(rows),
+    );
     let _ = writeln!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
@@ -86,6 +97,12 @@ pub fn roc_svg(title: &str, curves: &[Curve]) -> String {
     );
     for (i, curve) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
+        // Past the palette, dashed lines tell the curves apart.
+        let dash = if i >= COLORS.len() {
+            r#" stroke-dasharray="6,3""#
+        } else {
+            ""
+        };
         let points: String = curve
             .points
             .iter()
@@ -93,13 +110,13 @@ pub fn roc_svg(title: &str, curves: &[Curve]) -> String {
             .collect();
         let _ = writeln!(
             svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>"#
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{points}"/>"#
         );
         let ly = margin + 20.0 * i as f64 + 10.0;
         let lx = margin + size + 15.0;
         let _ = writeln!(
             svg,
-            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
             lx + 20.0,
             lx + 26.0,
             ly + 4.0,

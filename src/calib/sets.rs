@@ -36,21 +36,27 @@ pub enum SetSource {
 }
 
 impl SetSource {
-    /// Parses `uniform[:N]`, `gaussian[:N]`, a `.jpgpack` or `.u8` file, or a folder.
+    /// Parses `uniform[:N[:SEED]]`, `gaussian[:N[:SEED]]` (default 10,000
+    /// images, seeds 1 and 2: the evaluation's), a `.jpgpack` or `.u8` file,
+    /// or a folder.
     pub fn parse(spec: &str) -> SetSource {
-        let synthetic = |rest: Option<&str>| rest.and_then(|n| n.parse().ok()).unwrap_or(10_000);
         let (head, rest) = match spec.split_once(':') {
             Some((h, r)) => (h, Some(r)),
             None => (spec, None),
         };
+        let (n, seed) = match rest.map(|r| r.split_once(':').unwrap_or((r, ""))) {
+            Some((n, seed)) => (n.parse().ok(), seed.parse().ok()),
+            None => (None, None),
+        };
+        let n = n.unwrap_or(10_000);
         match head {
             "uniform" => SetSource::Uniform {
-                n: synthetic(rest),
-                seed: 1,
+                n,
+                seed: seed.unwrap_or(1),
             },
             "gaussian" => SetSource::Gaussian {
-                n: synthetic(rest),
-                seed: 2,
+                n,
+                seed: seed.unwrap_or(2),
             },
             _ if Path::new(spec).is_dir() => SetSource::Folder(PathBuf::from(spec)),
             _ if spec.ends_with(".jpgpack") => SetSource::Pack(PathBuf::from(spec)),
@@ -332,6 +338,10 @@ mod tests {
             SetSource::Gaussian { n: 10_000, seed: 2 }
         );
         assert_eq!(SetSource::parse("x/tin_crop.u8").name(), "tin_crop");
+        assert_eq!(
+            SetSource::parse("uniform:1000:11"),
+            SetSource::Uniform { n: 1000, seed: 11 }
+        );
         assert_eq!(
             SetSource::parse("x/cam_640x480.jpgpack"),
             SetSource::Pack(PathBuf::from("x/cam_640x480.jpgpack"))

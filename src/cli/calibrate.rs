@@ -35,6 +35,23 @@ pub struct CalibrateArgs {
     /// Where to write the calibration.
     #[arg(long, short, default_value = "calibration.json")]
     pub output: PathBuf,
+    /// Search every detector and its hyper-parameters (ODIN's T × ε grid,
+    /// the feature-space detectors with the --fit-stats files on the frames
+    /// as sent and perturbed, and weighted pairs of z-scored detectors) and
+    /// keep the lowest FPR at --tpr on the pooled OOD tuning images.
+    #[arg(long, requires = "ood")]
+    pub auto: bool,
+    /// With --auto: a labelled training set (as `fit --train`) to fit
+    /// statistics of training features perturbed at the best ODIN point,
+    /// written beside the calibration, and search the detectors with them too.
+    #[arg(long, requires = "auto")]
+    pub train: Option<PathBuf>,
+    /// With --train: fit on at most this many training images (evenly spread).
+    #[arg(long, requires = "train")]
+    pub train_limit: Option<usize>,
+    /// With --train: rows of the perturbed KNN bank.
+    #[arg(long, default_value_t = 50_000)]
+    pub bank_rows: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -46,6 +63,9 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
 
 fn calibrate(args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.tpr > 0.0 && args.tpr <= 1.0, "--tpr must be in (0, 1]");
+    if args.auto {
+        return super::calibrate_auto::run(args);
+    }
     let config = args.model.config()?;
     let (model, mut engine, pre) = app::offline_engine(&config)?;
     let id = Set::load(&SetSource::parse(&args.id), &pre, 0, Some(args.tune))?;
@@ -75,6 +95,9 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             },
             metrics: None,
             selection: "no OOD validation data: T = 1000 and epsilon from the model card".into(),
+            fit_stats: vec![],
+            combination: None,
+            leaderboard: vec![],
         }
     } else {
         let epsilons = calibrate::epsilons();
@@ -115,6 +138,9 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
                 "grid search over T in {TEMPERATURES:?} and 21 epsilon in [0, 0.004]: lowest FPR at {:.0}% TPR",
                 args.tpr * 100.0
             ),
+            fit_stats: vec![],
+            combination: None,
+            leaderboard: vec![],
         }
     };
     std::fs::write(
@@ -139,6 +165,23 @@ fn calibrate(args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
 
 /// A one-line progress bar on stderr.
 pub fn progress_line(done: usize, total: usize, started: Instant) {
+    progress(done, total, started, "image-passes");
+}
+
+/// A one-line progress bar on stderr, counting `unit`, redrawn at most
+/// every half second (and at the end).
+pub fn progress(done: usize, total: usize, started: Instant, unit: &str) {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let due = last.is_none_or(|t| now.duration_since(t).as_millis() >= 500);
+        if !due && done < total {
+            return;
+        }
+        *last = Some(now);
+    }
     let fraction = done as f64 / total.max(1) as f64;
     let width = 30;
     let filled = (fraction * width as f64) as usize;
@@ -151,7 +194,7 @@ pub fn progress_line(done: usize, total: usize, started: Instant) {
     let mut err = std::io::stderr().lock();
     let _ = write!(
         err,
-        "\r[{}{}] {:>5.1}% {done}/{total} image-passes, {elapsed:.0} s, eta {eta:.0} s",
+        "\r[{}{}] {:>5.1}% {done}/{total} {unit}, {elapsed:.0} s, eta {eta:.0} s",
         "#".repeat(filled),
         " ".repeat(width - filled.min(width)),
         fraction * 100.0

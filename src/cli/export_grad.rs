@@ -52,6 +52,7 @@ pub async fn run(args: ExportGradArgs) -> anyhow::Result<ExitCode> {
     let options = GradOptions {
         std,
         raw_gradient: args.raw_gradient,
+        ..Default::default()
     };
     let derived = grad::derive(&bytes, &options)
         .with_context(|| format!("deriving {}", args.model.display()))?;
@@ -178,6 +179,7 @@ mod tests {
         let options = GradOptions {
             std: builtin_card().input.std,
             raw_gradient: false,
+            ..Default::default()
         };
         let derived = grad::derive(bytes, &options).unwrap();
         assert_eq!(check(bytes, &derived.bytes).unwrap(), 0.0);

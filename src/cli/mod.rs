@@ -3,9 +3,11 @@
 
 pub mod bench;
 pub mod calibrate;
+mod calibrate_auto;
 pub mod detect;
 pub mod eval;
 pub mod export_grad;
+pub mod fit;
 pub mod info;
 pub mod loadgen;
 pub mod serve;
@@ -54,6 +56,9 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Print what would be served: model, input, provider, scoring.
     Info(info::InfoArgs),
+    /// Fit the feature-space detectors' training statistics (KNN bank, class
+    /// means and covariance, ViM subspace, ReAct percentiles) to a safetensors file.
+    Fit(Box<fit::FitArgs>),
     /// Fit ODIN's temperature, perturbation and threshold on validation images.
     Calibrate(calibrate::CalibrateArgs),
     /// Measure OOD detection (FPR at 95% TPR, AUROC, ...) on ID and OOD sets.
@@ -75,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => runtime.block_on(serve::run(*args)),
         Command::Detect(args) => runtime.block_on(detect::run(args)),
         Command::Info(args) => runtime.block_on(info::run(args)),
+        Command::Fit(args) => runtime.block_on(fit::run(*args)),
         Command::Calibrate(args) => runtime.block_on(calibrate::run(args)),
         Command::Eval(args) => runtime.block_on(eval::run(args)),
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
@@ -156,8 +162,12 @@ pub struct ModelArgs {
     /// Longest a frame waits for a batch to fill, in milliseconds.
     #[arg(long, default_value_t = 0.0, env = "ODIN_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: f64,
-    /// Scoring method: odin, msp, energy or maxlogit [default: msp; for the
-    /// built-in model with none of these four flags: its calibration, odin].
+    /// Scoring method: msp, odin, energy, maxlogit, gen, knn, vim, mds, rmds,
+    /// react, fdbd (hyper-parameters as in `knn(k=10)`, `vim(dim=32)`,
+    /// `react(p=95)`, `gen(gamma=0.1,M=10)`) [default: msp; for the built-in
+    /// model with none of these four flags: its calibration, odin]. The
+    /// feature-space detectors need --fit-stats; every method but msp and
+    /// maxlogit reads the perturbed frame when ε > 0.
     #[arg(long, env = "ODIN_METHOD")]
     pub method: Option<Method>,
     /// Softmax temperature T [default: 1].
@@ -169,13 +179,20 @@ pub struct ModelArgs {
     /// ODIN perturbation size ε in [0, 1] pixel units (odin and energy) [default: 0].
     #[arg(long, env = "ODIN_EPSILON")]
     pub epsilon: Option<f32>,
-    /// A calibration file from `calibrate`: sets method, T, ε and threshold.
+    /// A calibration file from `calibrate`: sets method, T, ε and threshold
+    /// (and the detector's fit statistics and combination).
     #[arg(
         long,
         env = "ODIN_CALIBRATION",
         conflicts_with_all = ["method", "temperature", "epsilon", "threshold"]
     )]
     pub calibration: Option<PathBuf>,
+    /// Fit statistics from `fit` (repeatable, or comma-separated in the
+    /// environment) for the feature-space detectors, besides those the
+    /// calibration names. A detector on perturbed frames uses the file
+    /// fitted on training features perturbed the same way, else the clean one.
+    #[arg(long, env = "ODIN_FIT_STATS", value_delimiter = ',')]
+    pub fit_stats: Vec<PathBuf>,
 }
 
 impl ModelArgs {
@@ -200,6 +217,7 @@ impl ModelArgs {
             engine: EngineOptions {
                 device: self.device,
                 intra_threads: self.threads,
+                fused: true,
             },
             workers: self.workers,
             batch: BatchOptions {
@@ -218,6 +236,7 @@ impl ModelArgs {
                 jpeg: None,
             },
             max_unary_in_flight: self.max_unary_in_flight,
+            fit_stats: self.fit_stats.clone(),
             ..defaults
         };
         let scoring_flags = self.method.is_some()

@@ -3,18 +3,25 @@
 //! worker thread owns one `Engine` (`Session::run` takes `&mut self`), built
 //! on the shared process-wide environment.
 //!
-//! ODIN takes two runs per batch: the gradient graph `G` derived from the
-//! model (x, T, ε → logits, perturbed), then the model itself on `perturbed`.
-//! On CPU the perturbed batch goes from G's output buffer straight into the
-//! second run, without a copy.
+//! A perturbed batch takes one run of the fused graph: the gradient graph
+//! `G` derived from the model (x, T, ε → logits, perturbed) with the model's
+//! forward pass on `perturbed` appended (weights shared), which outputs the
+//! logits and penultimate features of the frames and of their perturbed
+//! versions at once, so nothing returns to the host between the stages (on
+//! CUDA too). The two-session path (G, then the model on G's `perturbed`
+//! output, straight from G's output buffer on CPU) is kept for the equality
+//! test and `bench engine`. An unperturbed batch runs the model alone, with
+//! its features tensor exposed as a second output.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ort::session::Session;
 use ort::value::{TensorRef, ValueType};
 
 use crate::grad::names as graph_names;
+use crate::grad::taps::Taps;
 use crate::model::Model;
 use crate::runtime::{self, RuntimeError, SessionOptions};
 use crate::score::Perturbation;
@@ -76,6 +83,22 @@ pub struct EngineOptions {
     pub device: Device,
     /// Intra-op threads per session (0 lets ONNX Runtime choose).
     pub intra_threads: usize,
+    /// One fused graph for perturbed batches (G plus the model's forward
+    /// pass on `perturbed`, weights shared: one session run, nothing back
+    /// on the host between the stages), instead of two sessions (G, then
+    /// the model on G's output). The two-session path is kept for the
+    /// equality test and the benchmark.
+    pub fused: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: Device::Auto,
+            intra_threads: 1,
+            fused: true,
+        }
+    }
 }
 
 /// Why an engine could not be built or run.
@@ -125,21 +148,68 @@ pub struct ModelShape {
 pub struct BatchOutput {
     /// `batch × classes` logits of the frames as sent.
     pub logits: Vec<f32>,
+    /// `batch × D` penultimate features of the frames, when tapped.
+    pub features: Option<Vec<f32>>,
     /// `batch × classes` logits of the perturbed frames, when perturbed.
     pub perturbed_logits: Option<Vec<f32>>,
-    /// Time in the gradient graph G, when perturbed (for the batch's trace).
+    /// `batch × D` features of the perturbed frames, when perturbed and tapped.
+    pub perturbed_features: Option<Vec<f32>>,
+    /// Time in the gradient graph G, when perturbed (for the batch's trace;
+    /// with the fused graph, the whole run).
     pub gradient_time: Option<std::time::Duration>,
-    /// Time in the forward run of the model.
+    /// Time in the forward run of the model (zero for a fused run).
     pub forward_time: std::time::Duration,
+}
+
+impl BatchOutput {
+    /// The features of the frames as sent (`perturbed = false`) or of their
+    /// perturbed versions, when computed.
+    pub fn features_of(&self, perturbed: bool) -> Option<&[f32]> {
+        if perturbed {
+            self.perturbed_features.as_deref()
+        } else {
+            self.features.as_deref()
+        }
+    }
+}
+
+/// The graphs one model is served with, derived once and shared by every
+/// engine worker.
+#[derive(Debug, Clone)]
+pub struct Graphs {
+    /// The model, with its features tensor also output when tapped.
+    pub forward: Arc<[u8]>,
+    /// The gradient graph G, or the fused graph (G plus the forward pass on
+    /// `perturbed`), when it could be derived.
+    pub gradient: Option<Arc<[u8]>>,
+    /// Whether `gradient` is the fused graph.
+    pub fused: bool,
+    /// Where the features are, when the model has them.
+    pub taps: Option<Arc<Taps>>,
+}
+
+impl Graphs {
+    /// The plain model only: no features, no perturbation.
+    pub fn plain(model: &Model) -> Graphs {
+        Graphs {
+            forward: Arc::clone(&model.onnx),
+            gradient: None,
+            fused: false,
+            taps: None,
+        }
+    }
 }
 
 /// The model's session, and the gradient graph's when ODIN is available.
 pub struct Engine {
     session: Session,
     gradient: Option<Session>,
+    fused: bool,
     shape: ModelShape,
     chw: [usize; 3],
     provider: Provider,
+    /// The features output of the forward session and D.
+    features: Option<(String, usize)>,
 }
 
 impl fmt::Debug for Engine {
@@ -147,38 +217,49 @@ impl fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("shape", &self.shape)
             .field("provider", &self.provider)
+            .field("fused", &self.fused)
             .finish()
     }
 }
 
 impl Engine {
-    /// Builds a session for `model` (and for its gradient graph `gradient`,
-    /// the bytes `crate::grad::derive` produced, when given) and checks that
-    /// the input is an NCHW image of the card's size and the output logits.
+    /// Builds a session for the model (and for its gradient or fused graph,
+    /// when `graphs` has one) and checks that the input is an NCHW image of
+    /// the card's size and the output logits. `None` serves the plain
+    /// model: no features, no perturbation.
     pub fn load(
         model: &Model,
-        gradient: Option<&[u8]>,
+        graphs: Option<&Graphs>,
         options: &EngineOptions,
     ) -> Result<Engine, EngineError> {
+        let plain;
+        let graphs = match graphs {
+            Some(g) => g,
+            None => {
+                plain = Graphs::plain(model);
+                &plain
+            }
+        };
         let on = |cuda: Option<i32>| SessionOptions {
             intra_threads: options.intra_threads,
             cuda,
             ..SessionOptions::default()
         };
+        let forward = &graphs.forward;
         let (session, provider) = match options.device {
-            Device::Cpu => (runtime::session(&model.onnx, &on(None))?, Provider::Cpu),
-            Device::Cuda(n) => match runtime::session(&model.onnx, &on(Some(n))) {
+            Device::Cpu => (runtime::session(forward, &on(None))?, Provider::Cpu),
+            Device::Cuda(n) => match runtime::session(forward, &on(Some(n))) {
                 Ok(session) => (session, Provider::Cuda(n)),
                 Err(RuntimeError::Session(detail)) => {
                     return Err(EngineError::CudaUnavailable { device: n, detail })
                 }
                 Err(other) => return Err(other.into()),
             },
-            Device::Auto => match runtime::session(&model.onnx, &on(Some(0))) {
+            Device::Auto => match runtime::session(forward, &on(Some(0))) {
                 Ok(session) => (session, Provider::Cuda(0)),
                 Err(RuntimeError::Session(detail)) => {
                     tracing::debug!(%detail, "CUDA provider not registered");
-                    (runtime::session(&model.onnx, &on(None))?, Provider::Cpu)
+                    (runtime::session(forward, &on(None))?, Provider::Cpu)
                 }
                 Err(other) => return Err(other.into()),
             },
@@ -187,7 +268,9 @@ impl Engine {
             Provider::Cuda(n) => Some(n),
             Provider::Cpu => None,
         };
-        let gradient = gradient
+        let gradient = graphs
+            .gradient
+            .as_deref()
             .map(|bytes| runtime::session(bytes, &on(cuda)))
             .transpose()?;
         let shape = model_shape(&session)?;
@@ -207,9 +290,11 @@ impl Engine {
         Ok(Engine {
             session,
             gradient,
+            fused: graphs.fused,
             shape,
             chw,
             provider,
+            features: graphs.taps.as_ref().map(|t| (t.features.clone(), t.dim)),
         })
     }
 
@@ -223,6 +308,16 @@ impl Engine {
         self.gradient.is_some()
     }
 
+    /// Whether perturbed batches run as one fused graph.
+    pub fn fused(&self) -> bool {
+        self.fused && self.gradient.is_some()
+    }
+
+    /// The feature dimension D, when the model's features are tapped.
+    pub fn feature_dim(&self) -> Option<usize> {
+        self.features.as_ref().map(|(_, d)| *d)
+    }
+
     /// The model's input and output facts.
     pub fn shape(&self) -> &ModelShape {
         &self.shape
@@ -231,6 +326,16 @@ impl Engine {
     /// Runs `batch` images, laid out back to back in `input` (NCHW), and
     /// returns `batch × classes` logits.
     pub fn logits(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        Ok(self.forward(input, batch)?.0)
+    }
+
+    /// Runs `batch` images through the model: their logits and, when the
+    /// model is tapped, their features (`batch × D`).
+    pub fn forward(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>), EngineError> {
         let [c, h, w] = self.chw;
         debug_assert_eq!(input.len(), batch * c * h * w);
         let tensor = TensorRef::from_array_view(([batch, c, h, w], input)).map_err(ort_error)?;
@@ -246,11 +351,16 @@ impl Engine {
                 self.shape.classes
             )));
         }
-        Ok(logits.to_vec())
+        let features = match &self.features {
+            Some((name, d)) => Some(extract(&outputs, name, batch * d)?.to_vec()),
+            None => None,
+        };
+        Ok((logits.to_vec(), features))
     }
 
-    /// Runs a batch, perturbed first when `perturbation` is given: G on the
-    /// batch, then the model on G's `perturbed` output.
+    /// Runs a batch, perturbed first when `perturbation` is given: the
+    /// fused graph once, or G on the batch then the model on G's
+    /// `perturbed` output.
     pub fn run(
         &mut self,
         input: &[f32],
@@ -259,15 +369,19 @@ impl Engine {
     ) -> Result<BatchOutput, EngineError> {
         let started = std::time::Instant::now();
         let Some(perturbation) = perturbation else {
+            let (logits, features) = self.forward(input, batch)?;
             return Ok(BatchOutput {
-                logits: self.logits(input, batch)?,
+                logits,
+                features,
                 perturbed_logits: None,
+                perturbed_features: None,
                 gradient_time: None,
                 forward_time: started.elapsed(),
             });
         };
         let [c, h, w] = self.chw;
         let classes = self.shape.classes;
+        let dim = self.feature_dim();
         let (logits, g_out) = run_gradient(
             &mut self.gradient,
             &self.shape,
@@ -275,6 +389,28 @@ impl Engine {
             input,
             perturbation,
         )?;
+        let features = match dim {
+            Some(d) => Some(extract(&g_out, graph_names::FEATURES, batch * d)?.to_vec()),
+            None => None,
+        };
+        if self.fused {
+            let perturbed_logits =
+                extract(&g_out, graph_names::PERTURBED_LOGITS, batch * classes)?.to_vec();
+            let perturbed_features = match dim {
+                Some(d) => {
+                    Some(extract(&g_out, graph_names::PERTURBED_FEATURES, batch * d)?.to_vec())
+                }
+                None => None,
+            };
+            return Ok(BatchOutput {
+                logits,
+                features,
+                perturbed_logits: Some(perturbed_logits),
+                perturbed_features,
+                gradient_time: Some(started.elapsed()),
+                forward_time: std::time::Duration::ZERO,
+            });
+        }
         let perturbed = extract(&g_out, graph_names::PERTURBED, input.len())?;
         let gradient_time = started.elapsed();
         let x2 = TensorRef::from_array_view(([batch, c, h, w], perturbed)).map_err(ort_error)?;
@@ -290,15 +426,21 @@ impl Engine {
                 batch * classes
             )));
         }
+        let perturbed_features = match &self.features {
+            Some((name, d)) => Some(extract(&out, name, batch * d)?.to_vec()),
+            None => None,
+        };
         Ok(BatchOutput {
             logits,
+            features,
             perturbed_logits: Some(perturbed_logits.to_vec()),
+            perturbed_features,
             gradient_time: Some(gradient_time),
             forward_time: started.elapsed() - gradient_time,
         })
     }
 
-    /// Runs only the gradient graph: (logits, perturbed input) of a batch.
+    /// Runs only the perturbation: (logits, perturbed input) of a batch.
     /// Calibration uses it to reuse one gradient direction for many ε.
     pub fn perturb(
         &mut self,
@@ -358,11 +500,11 @@ fn extract<'a>(
 ) -> Result<&'a [f32], EngineError> {
     let value = outputs
         .get(name)
-        .ok_or_else(|| EngineError::Model(format!("the gradient graph has no output {name:?}")))?;
+        .ok_or_else(|| EngineError::Model(format!("the graph has no output {name:?}")))?;
     let (_, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
     if data.len() != len {
         return Err(EngineError::Model(format!(
-            "gradient graph output {name:?} has {} values, expected {len}",
+            "graph output {name:?} has {} values, expected {len}",
             data.len()
         )));
     }

@@ -43,6 +43,17 @@ impl Emitter {
         }
     }
 
+    /// `want`, or `want` with a numeric suffix if that is taken; reserved.
+    pub fn rename(&mut self, want: &str) -> String {
+        let mut name = want.to_string();
+        let mut k = 0;
+        while !self.taken.insert(name.clone()) {
+            k += 1;
+            name = format!("{want}#{k}");
+        }
+        name
+    }
+
     /// Appends a node with `n_out` outputs and returns their names.
     pub fn node_n(
         &mut self,

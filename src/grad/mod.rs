@@ -22,6 +22,7 @@ pub mod attrs;
 pub mod emit;
 pub mod graph;
 pub mod rules;
+pub mod taps;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -53,6 +54,12 @@ pub mod names {
     pub const PERTURBED: &str = "perturbed";
     /// The raw gradient `g` (only with `raw_gradient`).
     pub const GRADIENT: &str = "gradient";
+    /// The penultimate features of `x` (only with `features`).
+    pub const FEATURES: &str = "features";
+    /// The model's logits on `perturbed` (only with `fused`).
+    pub const PERTURBED_LOGITS: &str = "perturbed_logits";
+    /// The penultimate features of `perturbed` (with `fused` and `features`).
+    pub const PERTURBED_FEATURES: &str = "perturbed_features";
 }
 
 /// What the caller supplies besides the model.
@@ -63,6 +70,14 @@ pub struct GradOptions {
     pub std: Vec<f32>,
     /// Also output the raw gradient as `gradient`.
     pub raw_gradient: bool,
+    /// The tensor holding the penultimate features (see [`taps`]): also
+    /// output as `features` (and, fused, `perturbed_features`).
+    pub features: Option<String>,
+    /// Append the model's forward pass on `perturbed` (its nodes cloned
+    /// with renamed tensors, the weights shared), so that one run gives
+    /// `logits`, `perturbed_logits` and the features of both: the fused
+    /// serving graph.
+    pub fused: bool,
 }
 
 /// What the pass did, for the CLI and logs.
@@ -187,6 +202,13 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
     let (active, on_path) =
         differentiable_path(source.graph, &order, &table, source.x, &z, &carries);
     check_coverage(&source, &table, &active, &on_path)?;
+    if let Some(f) = &options.features {
+        if !facts.info.contains_key(f.as_str()) {
+            return Err(GradError::Model(format!(
+                "the features tensor {f:?} is not a tensor of the model"
+            )));
+        }
+    }
     let plan = Plan {
         source,
         z,
@@ -195,14 +217,35 @@ pub fn derive(model: &[u8], options: &GradOptions) -> Result<Derived, GradError>
         facts,
         active,
         on_path,
+        varying,
     };
 
-    let mut em = Emitter::new(reserve_names(plan.source.graph, &plan.z)?);
+    let taken = reserve_names(plan.source.graph, &plan.z)?;
+    if let Some(f) = &options.features {
+        if f != names::FEATURES && taken.contains(names::FEATURES) {
+            return Err(GradError::Model(format!(
+                "the model has a tensor named {:?} that is not its features {f:?}",
+                names::FEATURES
+            )));
+        }
+    }
+    let mut em = Emitter::new(taken);
     let dz = seed(&mut em, &plan.z, &plan.facts.z);
     let g = reverse_sweep(&mut em, &plan, dz, &mut summary.rules_applied)?;
     odin_outputs(&mut em, &plan, &g, options)?;
+    if let Some(features) = &options.features {
+        if features != names::FEATURES {
+            em.node_named("Identity", &[features], vec![], names::FEATURES);
+        }
+    }
+    if options.fused {
+        let cloned = forward_on_perturbed(&mut em, &plan, options.features.as_deref());
+        summary.notes.push(format!(
+            "fused: the model's forward pass on `perturbed` appended ({cloned} nodes, weights shared)"
+        ));
+    }
     summary.nodes_added = em.nodes.len();
-    let outputs = output_signature(&plan.facts, options.raw_gradient);
+    let outputs = output_signature(&plan.facts, options);
     let bytes = encode(proto, em, outputs)?;
     Ok(Derived { bytes, summary })
 }
@@ -470,6 +513,8 @@ struct Plan<'m> {
     active: HashSet<String>,
     /// Per node (by index): whether it lies on a path from `x` to `z`.
     on_path: Vec<bool>,
+    /// Tensors that vary with `x`.
+    varying: HashSet<String>,
 }
 
 /// Every name the model uses, which the emitter must avoid. The derived
@@ -488,6 +533,8 @@ fn reserve_names(graph: &GraphProto, z: &str) -> Result<HashSet<String>, GradErr
         names::EPSILON,
         names::PERTURBED,
         names::GRADIENT,
+        names::PERTURBED_LOGITS,
+        names::PERTURBED_FEATURES,
     ] {
         if taken.contains(n) {
             return Err(GradError::Model(format!(
@@ -652,16 +699,91 @@ fn channel_std(std: &[f32], channels: i64) -> Result<Vec<f32>, GradError> {
 
 /// The derived graph's outputs, typed like the model's logits and input
 /// with a symbolic batch axis, so serving code can read the signature.
-fn output_signature(facts: &Facts, raw_gradient: bool) -> Vec<ValueInfoProto> {
+fn output_signature(facts: &Facts, options: &GradOptions) -> Vec<ValueInfoProto> {
     let (z, x) = (&facts.z, &facts.x);
     let mut outputs = vec![
         value_info(names::LOGITS, z.dtype, &batch_dims(&z.shape)),
         value_info(names::PERTURBED, x.dtype, &batch_dims(&x.shape)),
     ];
-    if raw_gradient {
+    if options.raw_gradient {
         outputs.push(value_info(names::GRADIENT, x.dtype, &batch_dims(&x.shape)));
     }
+    let features = options.features.as_deref().and_then(|f| facts.info.get(f));
+    if let Some(h) = features {
+        outputs.push(value_info(names::FEATURES, h.dtype, &batch_dims(&h.shape)));
+    }
+    if options.fused {
+        outputs.push(value_info(
+            names::PERTURBED_LOGITS,
+            z.dtype,
+            &batch_dims(&z.shape),
+        ));
+        if let Some(h) = features {
+            outputs.push(value_info(
+                names::PERTURBED_FEATURES,
+                h.dtype,
+                &batch_dims(&h.shape),
+            ));
+        }
+    }
     outputs
+}
+
+/// Appends the model's forward pass on `perturbed`: every node of the
+/// model that varies with `x` and leads to the logits (or the features) is
+/// cloned, its tensors renamed `perturbed/{name}` and `x` replaced by
+/// `perturbed`; constants, weights and anything not varying with `x` are
+/// shared with the first pass. Outputs `perturbed_logits` (and
+/// `perturbed_features`). Returns the number of nodes cloned.
+fn forward_on_perturbed(em: &mut Emitter, plan: &Plan<'_>, features: Option<&str>) -> usize {
+    let graph = plan.source.graph;
+    let x = plan.source.x;
+    // The nodes the logits and features need, by a backward walk.
+    let mut needed: HashSet<&str> = HashSet::from([plan.z.as_str()]);
+    if let Some(f) = features {
+        needed.insert(f);
+    }
+    let mut clone = vec![false; graph.node.len()];
+    for &i in plan.order.iter().rev() {
+        let node = &graph.node[i];
+        if node.output.iter().any(|o| needed.contains(o.as_str()))
+            && node.output.iter().any(|o| plan.varying.contains(o))
+        {
+            clone[i] = true;
+            needed.extend(node.input.iter().map(String::as_str));
+        }
+    }
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut count = 0;
+    for &i in plan.order.iter().filter(|&&i| clone[i]) {
+        let node = &graph.node[i];
+        let mut copy = node.clone();
+        for input in copy.input.iter_mut() {
+            if input == x {
+                *input = names::PERTURBED.to_string();
+            } else if let Some(r) = renamed.get(input.as_str()) {
+                *input = r.clone();
+            }
+        }
+        for output in copy.output.iter_mut().filter(|o| !o.is_empty()) {
+            let fresh = em.rename(&format!("perturbed/{output}"));
+            renamed.insert(output.clone(), fresh.clone());
+            *output = fresh;
+        }
+        copy.name = Some(em.rename(&format!("perturbed/{}", node_label(node))));
+        em.nodes.push(copy);
+        count += 1;
+    }
+    let z = renamed
+        .get(&plan.z)
+        .cloned()
+        .unwrap_or_else(|| plan.z.clone());
+    em.node_named("Identity", &[&z], vec![], names::PERTURBED_LOGITS);
+    if let Some(f) = features {
+        let h = renamed.get(f).cloned().unwrap_or_else(|| f.to_string());
+        em.node_named("Identity", &[&h], vec![], names::PERTURBED_FEATURES);
+    }
+    count
 }
 
 /// `shape` with its first axis symbolic: the probe ran at a batch size of

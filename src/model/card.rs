@@ -33,6 +33,11 @@ pub struct ModelCard {
     /// Default ODIN temperature and perturbation size for this model.
     #[serde(default)]
     pub odin: OdinDefaults,
+    /// The tensor holding the penultimate features (the input of the final
+    /// Gemm/MatMul, or a tensor that reaches it through Flatten/Reshape),
+    /// when graph analysis should not pick it (see `grad::taps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<String>,
     /// Free-form notes on where the model came from; not interpreted.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub provenance: serde_json::Value,

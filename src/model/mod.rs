@@ -29,6 +29,12 @@ pub fn short_digest(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The full SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use super::fair::ClientId;
-use crate::engine::Engine;
+use crate::engine::{BatchOutput, Engine};
 use crate::error::FrameError;
-use crate::score::Perturbation;
+use crate::score::{BatchView, Perturbation, Scorers, Scoring};
 use crate::telemetry::{BatchTrace, FrameTrace, Telemetry};
 
 /// Batching limits.
@@ -42,11 +42,36 @@ pub struct BatchOptions {
     pub queue_capacity: usize,
 }
 
+/// How a frame is to be scored once its batch has run: its scoring and the
+/// statistics and detectors of the generation that judges it.
+#[derive(Debug, Clone)]
+pub struct ScoreWith {
+    /// Method, temperature and ε.
+    pub scoring: Scoring,
+    /// The generation's scorers.
+    pub scorers: Arc<Scorers>,
+}
+
+/// Frames with equal keys are scored together: the same scorers and scoring.
+type GroupKey = (usize, String, u32, u32);
+
+impl ScoreWith {
+    fn key(&self) -> GroupKey {
+        (
+            Arc::as_ptr(&self.scorers) as *const () as usize,
+            self.scoring.method.to_string(),
+            self.scoring.temperature.to_bits(),
+            self.scoring.epsilon.to_bits(),
+        )
+    }
+}
+
 /// One frame's input on its way to the engine.
 #[derive(Debug)]
 struct Job {
     input: Vec<f32>,
     perturbation: Option<Perturbation>,
+    score: ScoreWith,
     // Past this instant the answer is useless: the frame is refused, not computed.
     deadline: Option<Instant>,
     enqueued: Instant,
@@ -62,6 +87,13 @@ pub struct Inference {
     pub logits: Vec<f32>,
     /// The logits of the perturbed frame, when a perturbation was asked for.
     pub perturbed_logits: Option<Vec<f32>>,
+    /// The frame's penultimate features, when the model is tapped.
+    pub features: Option<Vec<f32>>,
+    /// The perturbed frame's features, when perturbed and tapped.
+    pub perturbed_features: Option<Vec<f32>>,
+    /// The frame's score under its scoring (higher = more in-distribution),
+    /// computed with the rest of its batch.
+    pub score: f32,
     /// Time from submission until its batch started running.
     pub queued: Duration,
     /// Wall time of the engine run of its batch.
@@ -156,14 +188,15 @@ impl Batcher {
         &self,
         client: ClientId,
         input: Vec<f32>,
-        perturbation: Option<Perturbation>,
+        score: ScoreWith,
         deadline: Option<Instant>,
         trace: Option<FrameTrace>,
     ) -> Result<Inference, FrameError> {
         let (reply, answer) = oneshot::channel();
         let mut job = Some(Job {
             input,
-            perturbation,
+            perturbation: score.scoring.perturbation(),
+            score,
             deadline,
             enqueued: Instant::now(),
             trace,
@@ -311,6 +344,72 @@ fn work(mut engine: Engine, shared: &Shared, telemetry: &Telemetry) {
     }
 }
 
+/// Scores a batch's frames, the frames with the same scoring together (one
+/// detector call, one KNN search, per group).
+fn score_groups(batch: &[Job], output: &BatchOutput) -> Vec<Result<f32, FrameError>> {
+    let n = batch.len();
+    let mut scores: Vec<Result<f32, FrameError>> = vec![Ok(f32::NAN); n];
+    let mut groups: Vec<(GroupKey, Vec<usize>)> = Vec::new();
+    for (i, job) in batch.iter().enumerate() {
+        let key = job.score.key();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    let classes = output.logits.len() / n.max(1);
+    for (_, members) in groups {
+        let with = &batch[members[0]].score;
+        let whole = members.len() == n;
+        let gather = |v: Option<&[f32]>| -> Option<Vec<f32>> {
+            let v = v?;
+            let w = v.len() / n;
+            Some(
+                members
+                    .iter()
+                    .flat_map(|&i| v[i * w..(i + 1) * w].iter().copied())
+                    .collect(),
+            )
+        };
+        let parts = if whole {
+            None
+        } else {
+            Some((
+                gather(Some(&output.logits)).unwrap_or_default(),
+                gather(output.features.as_deref()),
+                gather(output.perturbed_logits.as_deref()),
+                gather(output.perturbed_features.as_deref()),
+            ))
+        };
+        let view = match &parts {
+            None => BatchView {
+                n,
+                logits: &output.logits,
+                features: output.features.as_deref(),
+                perturbed_logits: output.perturbed_logits.as_deref(),
+                perturbed_features: output.perturbed_features.as_deref(),
+            },
+            Some((logits, features, perturbed_logits, perturbed_features)) => BatchView {
+                n: members.len(),
+                logits,
+                features: features.as_deref(),
+                perturbed_logits: perturbed_logits.as_deref(),
+                perturbed_features: perturbed_features.as_deref(),
+            },
+        };
+        debug_assert_eq!(view.logits.len(), view.n * classes);
+        let mut out = vec![f32::NAN; view.n];
+        let result = with.scorers.score_batch(&with.scoring, &view, &mut out);
+        for (j, &i) in members.iter().enumerate() {
+            scores[i] = match &result {
+                Ok(()) => Ok(out[j]),
+                Err(e) => Err(FrameError::DetectorUnavailable(e.to_string())),
+            };
+        }
+    }
+    scores
+}
+
 fn run_batch(engine: &mut Engine, batch: Vec<Job>, telemetry: &Telemetry) {
     let started = Instant::now();
     let n = batch.len();
@@ -343,18 +442,25 @@ fn run_batch(engine: &mut Engine, batch: Vec<Job>, telemetry: &Telemetry) {
     }
     match result {
         Ok(output) => {
+            let scores = score_groups(&batch, &output);
             let classes = output.logits.len() / n;
-            for (i, job) in batch.into_iter().enumerate() {
-                let rows = i * classes..(i + 1) * classes;
-                let inference = Inference {
-                    logits: output.logits[rows.clone()].to_vec(),
-                    perturbed_logits: output.perturbed_logits.as_ref().map(|p| p[rows].to_vec()),
+            let dim = output.features.as_ref().map_or(0, |f| f.len() / n);
+            let rows = |v: &Option<Vec<f32>>, i: usize, w: usize| {
+                v.as_ref().map(|v| v[i * w..(i + 1) * w].to_vec())
+            };
+            for ((i, job), score) in batch.into_iter().enumerate().zip(scores) {
+                let answer = score.map(|score| Inference {
+                    logits: output.logits[i * classes..(i + 1) * classes].to_vec(),
+                    perturbed_logits: rows(&output.perturbed_logits, i, classes),
+                    features: rows(&output.features, i, dim),
+                    perturbed_features: rows(&output.perturbed_features, i, dim),
+                    score,
                     queued: started.saturating_duration_since(job.enqueued),
                     compute,
                     batch_size: n,
-                };
+                });
                 // The receiver may have left; nothing to do then.
-                let _ = job.reply.send(Ok(inference));
+                let _ = job.reply.send(answer);
             }
         }
         Err(e) => {

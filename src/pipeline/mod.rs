@@ -26,11 +26,11 @@ use crate::domain::{
     Timings,
 };
 use crate::error::{CallError, FrameError};
-use crate::score::{self, Outputs, Scoring};
+use crate::score::{self, Scorers, Scoring};
 use crate::telemetry::{FrameFinish, FrameRecorder, Gauges, Rpc, Stage, Telemetry};
 
 pub use admit::{Admitted, Charge, MemoryBudget};
-pub use batch::{BatchOptions, Batcher, Inference};
+pub use batch::{BatchOptions, Batcher, Inference, ScoreWith};
 pub use decode::{DecodeLimits, Preprocessor};
 pub use fair::ClientId;
 
@@ -103,6 +103,9 @@ pub struct Generation {
     pub batcher: Batcher,
     /// Scoring in force and what frames may override.
     pub scoring: ScoringOptions,
+    /// The fit statistics, calibrated combination and detectors frames are
+    /// scored with.
+    pub scorers: Arc<Scorers>,
     /// Class labels, in logit order.
     pub labels: Vec<String>,
     /// What is served, versions included.
@@ -288,6 +291,9 @@ impl Generation {
                 scoring.method.to_string(),
             ));
         }
+        self.scorers
+            .check(&scoring)
+            .map_err(|e| FrameError::DetectorUnavailable(e.to_string()))?;
         let threshold = match over.threshold {
             Some(t) => check("threshold", t, f32::MIN, f32::MAX)?,
             None => options.threshold,
@@ -298,14 +304,10 @@ impl Generation {
     fn score(&self, inference: Inference, applied: AppliedScoring) -> Decision {
         let Inference {
             logits,
-            perturbed_logits,
+            score: value,
             ..
         } = inference;
         let class = score::argmax(&logits);
-        let value = applied.scoring.score(Outputs {
-            logits: &logits,
-            perturbed: perturbed_logits.as_deref(),
-        });
         Decision {
             score: value,
             in_distribution: value >= applied.threshold,
@@ -405,10 +407,13 @@ impl Pipeline {
         timings.decode = decoded - started;
         let input = input?;
 
-        let perturbation = applied.scoring.perturbation();
+        let score_with = ScoreWith {
+            scoring: applied.scoring,
+            scorers: Arc::clone(&generation.scorers),
+        };
         let inference = generation
             .batcher
-            .infer(client, input, perturbation, deadline, recorder.trace())
+            .infer(client, input, score_with, deadline, recorder.trace())
             .await?;
         recorder.engine(inference.queued, inference.compute, inference.batch_size);
         timings.queue = inference.queued;

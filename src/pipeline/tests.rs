@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::engine::{Device, Engine, EngineOptions};
+use crate::engine::{Device, Engine, EngineOptions, Graphs};
 use crate::model::{Model, ModelSource};
 use crate::score::Method;
 
@@ -16,21 +16,27 @@ pub(super) fn model() -> Model {
 }
 
 /// A CPU engine (one intra-op thread) for the built-in model, with its
-/// gradient graph when `perturb`.
+/// fused gradient graph when `perturb`, as served by default.
 pub(super) fn engine(perturb: bool) -> Engine {
     let model = model();
-    let gradient = perturb.then(|| {
+    let mut graphs = Graphs::plain(&model);
+    if perturb {
         let options = crate::grad::GradOptions {
             std: model.card.input.std.clone(),
             raw_gradient: false,
+            features: None,
+            fused: true,
         };
-        crate::grad::derive(&model.onnx, &options).unwrap().bytes
-    });
+        let derived = crate::grad::derive(&model.onnx, &options).unwrap();
+        graphs.gradient = Some(Arc::from(derived.bytes));
+        graphs.fused = true;
+    }
     let options = EngineOptions {
         device: Device::Cpu,
         intra_threads: 1,
+        fused: true,
     };
-    Engine::load(&model, gradient.as_deref(), &options).unwrap()
+    Engine::load(&model, Some(&graphs), &options).unwrap()
 }
 
 /// A normalized input of the built-in model's shape, different per seed.
@@ -90,6 +96,7 @@ pub(super) fn pipeline(options: ScoringOptions, batch: BatchOptions) -> Arc<Pipe
         preprocessor: Preprocessor::new(&model.card.input),
         batcher,
         scoring: options,
+        scorers: Arc::new(crate::score::Scorers::new(Vec::new(), None, None)),
         labels: model.card.labels.clone(),
         info: info(&model),
     };
@@ -123,6 +130,9 @@ fn info(model: &Model) -> ModelInfo {
             max_temperature: 1000.0,
             max_epsilon: 0.004,
             perturbation_available: true,
+            detector: "msp".into(),
+            fit_stats: Vec::new(),
+            feature_dim: 0,
         },
         versions: crate::domain::Versions {
             model: "1@test".into(),

@@ -1,15 +1,57 @@
-//! Scoring: from a frame's logits to one number where higher means "more
-//! in-distribution", for every method, so one rule `score >= threshold`
-//! serves them all.
+//! Scoring: from a frame's engine outputs to one number where higher means
+//! "more in-distribution", for every method, so one rule
+//! `score >= threshold` serves them all.
 //!
-//! The `Scorer` trait is the seam: each method reads the engine's `Outputs`,
-//! the logits of the frame itself and, when the frame was perturbed (ODIN,
-//! or energy with input preprocessing), the logits of the perturbed frame.
+//! Logit methods (`msp`, `odin`, `energy`, `maxlogit`, `gen`) read the
+//! logits of the frame, or of its ODIN-perturbed version; the feature-space
+//! detectors (`knn`, `vim`, `mds`, `rmds`, `react`, `fdbd`, one file each)
+//! also read its penultimate features and training statistics fitted by
+//! `fit` (`crate::fit`). Every method except `msp` and `maxlogit` reads the
+//! perturbed frame when ε > 0. A z-scored weighted sum of several
+//! (`combined`) is a method too. [`Scorers`] holds what a served
+//! generation scores with and scores whole batches at once (the KNN search
+//! is one GEMM per block of the bank for the batch).
+
+mod combine;
+mod detector;
+mod fdbd;
+mod gen;
+mod knn;
+mod mahalanobis;
+mod react;
+mod scorers;
+mod vim;
 
 use std::fmt;
 use std::str::FromStr;
 
-/// A scoring method, as named on the CLI, in the card and on the wire.
+pub use combine::{calibrate as score_norm, Combined, ScoreNorm};
+pub(crate) use detector::{lse, to_f64};
+pub use detector::{Detector, DetectorError, FeatureBatch};
+pub use fdbd::{Fdbd, FdbdNormalizer};
+pub use gen::Gen;
+pub use knn::{Knn, KnnBank, BLOCK_ROWS as KNN_BLOCK_ROWS};
+pub use mahalanobis::{Mds, Rmds};
+pub use react::React;
+pub use scorers::{
+    BatchView, Combination, CombinationPart, LoadedStats, ScoreError, Scorers, StatsChoice,
+};
+pub use vim::Vim;
+
+/// KNN's default number of neighbours (OpenOOD's).
+pub const DEFAULT_KNN_K: u32 = 50;
+/// ReAct's default percentile (OpenOOD's), in hundredths.
+pub const DEFAULT_REACT_PERCENTILE: u32 = 9000;
+/// GEN's default γ (OpenOOD's), in thousandths.
+pub const DEFAULT_GEN_GAMMA: u32 = 100;
+/// GEN's default M (OpenOOD's).
+pub const DEFAULT_GEN_M: u32 = 100;
+
+/// A scoring method with the hyper-parameters that change its scores, as
+/// named on the CLI, in calibration files and in frames' overrides:
+/// `msp`, `odin`, `energy`, `maxlogit`, `knn(k=50)`, `vim(dim=32)`, `mds`,
+/// `rmds`, `react(p=90)`, `fdbd`, `gen(gamma=0.1,M=100)`, `combined`. A
+/// bare name takes the defaults; `name:key=value,...` is accepted too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
     /// Maximum softmax probability at temperature T (Hendrycks & Gimpel 2017).
@@ -21,45 +63,193 @@ pub enum Method {
     MaxLogit,
     /// Negative free energy, `T · logsumexp(z / T)` (Liu et al. 2020).
     Energy,
+    /// Deep k-nearest neighbours (Sun et al. 2022): minus the squared
+    /// distance of the normalised feature to its k-th nearest training
+    /// feature.
+    Knn {
+        /// Neighbours.
+        k: u32,
+    },
+    /// Virtual-logit matching (Wang et al. 2022).
+    Vim {
+        /// Principal dimension D_p; 0 for the fitted default.
+        dim: u32,
+    },
+    /// Mahalanobis distance to the nearest class mean (Lee et al. 2018).
+    Mds,
+    /// Relative Mahalanobis distance (Ren et al. 2021).
+    Rmds,
+    /// ReAct (Sun et al. 2021): energy of the logits of clipped features.
+    React {
+        /// Clip percentile of the training activations, in hundredths.
+        percentile: u32,
+    },
+    /// Fast decision-boundary distance (Liu & Qin 2024).
+    Fdbd,
+    /// Generalized entropy (Liu et al. 2023).
+    Gen {
+        /// γ, in thousandths.
+        gamma: u32,
+        /// The M largest probabilities.
+        m: u32,
+    },
+    /// The calibrated weighted sum of z-scored detectors (`calibrate --auto`).
+    Combined,
 }
 
 impl Method {
-    /// The name used on the CLI and in verdicts.
-    pub fn as_str(self) -> &'static str {
+    /// The method's name without hyper-parameters.
+    pub fn name(self) -> &'static str {
         match self {
             Method::Msp => "msp",
             Method::Odin => "odin",
             Method::MaxLogit => "maxlogit",
             Method::Energy => "energy",
+            Method::Knn { .. } => "knn",
+            Method::Vim { .. } => "vim",
+            Method::Mds => "mds",
+            Method::Rmds => "rmds",
+            Method::React { .. } => "react",
+            Method::Fdbd => "fdbd",
+            Method::Gen { .. } => "gen",
+            Method::Combined => "combined",
         }
     }
+
+    /// The method as named on the CLI and in verdicts, hyper-parameters
+    /// included (the bare name for methods without any).
+    pub fn as_str(self) -> String {
+        self.to_string()
+    }
+
+    /// Whether this method reads the penultimate features (and fit
+    /// statistics).
+    pub fn needs_features(self) -> bool {
+        matches!(
+            self,
+            Method::Knn { .. }
+                | Method::Vim { .. }
+                | Method::Mds
+                | Method::Rmds
+                | Method::React { .. }
+                | Method::Fdbd
+        )
+    }
+
+    /// Whether this method uses the perturbed input when ε > 0: every one
+    /// but the two baselines, which read the frame as sent.
+    pub fn perturbs(self) -> bool {
+        !matches!(self, Method::Msp | Method::MaxLogit)
+    }
+
+    /// Every method, for messages.
+    pub const ALL: &'static str =
+        "msp, odin, energy, maxlogit, gen, knn, vim, mds, rmds, react, fdbd or combined";
 }
 
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match *self {
+            Method::Knn { k } => write!(f, "knn(k={k})"),
+            Method::Vim { dim: 0 } => f.write_str("vim"),
+            Method::Vim { dim } => write!(f, "vim(dim={dim})"),
+            Method::React { percentile } => {
+                write!(f, "react(p={})", f64::from(percentile) / 100.0)
+            }
+            Method::Gen { gamma, m } => {
+                write!(f, "gen(gamma={},M={m})", f64::from(gamma) / 1000.0)
+            }
+            other => f.write_str(other.name()),
+        }
     }
 }
 
 impl FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "msp" => Ok(Method::Msp),
-            "odin" => Ok(Method::Odin),
-            "maxlogit" | "max-logit" => Ok(Method::MaxLogit),
-            "energy" => Ok(Method::Energy),
-            other => Err(format!(
-                "unknown scoring method {other:?}: use msp, odin, energy or maxlogit"
-            )),
+        let unknown = || format!("unknown scoring method {s:?}: use {}", Method::ALL);
+        let s = s.trim();
+        let (name, params) = match (s.find('('), s.find(':')) {
+            (Some(open), _) if s.ends_with(')') => (&s[..open], &s[open + 1..s.len() - 1]),
+            (None, Some(colon)) => (&s[..colon], &s[colon + 1..]),
+            (None, None) => (s, ""),
+            _ => return Err(unknown()),
+        };
+        let mut kv: Vec<(&str, &str)> = Vec::new();
+        for part in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{s:?}: expected key=value, found {part:?}"))?;
+            kv.push((k.trim(), v.trim()));
         }
-    }
-}
-
-impl Method {
-    /// Whether this method uses the perturbed input when ε > 0.
-    pub fn perturbs(self) -> bool {
-        matches!(self, Method::Odin | Method::Energy)
+        let mut take = |key: &str| -> Option<&str> {
+            let i = kv.iter().position(|(k, _)| k.eq_ignore_ascii_case(key))?;
+            Some(kv.remove(i).1)
+        };
+        let number = |key: &str, v: &str| -> Result<f64, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("{s:?}: {key} must be a positive number, found {v:?}"))
+        };
+        let int = |key: &str, v: &str| -> Result<u32, String> {
+            v.parse::<u32>()
+                .ok()
+                .filter(|x| *x > 0)
+                .ok_or_else(|| format!("{s:?}: {key} must be a positive integer, found {v:?}"))
+        };
+        let method = match name {
+            "msp" => Method::Msp,
+            "odin" => Method::Odin,
+            "maxlogit" | "max-logit" => Method::MaxLogit,
+            "energy" => Method::Energy,
+            "knn" => Method::Knn {
+                k: take("k").map_or(Ok(DEFAULT_KNN_K), |v| int("k", v))?,
+            },
+            "vim" => {
+                let dim = match take("dim") {
+                    Some(v) => Some(v),
+                    None => take("d"),
+                };
+                Method::Vim {
+                    dim: dim.map_or(Ok(0), |v| int("dim", v))?,
+                }
+            }
+            "mds" => Method::Mds,
+            "rmds" => Method::Rmds,
+            "react" => {
+                let p = match take("p") {
+                    Some(v) => Some(v),
+                    None => take("percentile"),
+                };
+                let p = p.map_or(Ok(90.0), |v| number("p", v))?;
+                if p > 100.0 {
+                    return Err(format!("{s:?}: the percentile must be in (0, 100]"));
+                }
+                Method::React {
+                    percentile: (p * 100.0).round() as u32,
+                }
+            }
+            "fdbd" => Method::Fdbd,
+            "gen" => {
+                let gamma = take("gamma")
+                    .map_or(Ok(f64::from(DEFAULT_GEN_GAMMA) / 1000.0), |v| {
+                        number("gamma", v)
+                    })?;
+                let gamma = (gamma * 1000.0).round() as u32;
+                if gamma == 0 {
+                    return Err(format!("{s:?}: gamma must be at least 0.001"));
+                }
+                let m = take("m").map_or(Ok(DEFAULT_GEN_M), |v| int("M", v))?;
+                Method::Gen { gamma, m }
+            }
+            "combined" => Method::Combined,
+            _ => return Err(unknown()),
+        };
+        if let Some((k, _)) = kv.first() {
+            return Err(format!("{s:?}: {name} has no parameter {k:?}"));
+        }
+        Ok(method)
     }
 }
 
@@ -74,7 +264,7 @@ pub struct Outputs<'a> {
 
 impl<'a> Outputs<'a> {
     /// The perturbed logits when present, else the plain ones.
-    fn preferred(&self) -> &'a [f32] {
+    pub fn preferred(&self) -> &'a [f32] {
         self.perturbed.unwrap_or(self.logits)
     }
 }
@@ -124,9 +314,11 @@ impl Scoring {
         }
     }
 
-    /// Scores one frame's outputs.
+    /// Scores one frame's outputs with a logit method (`msp`, `odin`,
+    /// `energy`, `maxlogit`, `gen`); NaN for the methods that need features
+    /// or a combination, which score through [`Scorers`].
     pub fn score(&self, outputs: Outputs<'_>) -> f32 {
-        scorer(self.method, self.temperature).score(outputs)
+        scorer(self.method, self.temperature).map_or(f32::NAN, |s| s.score(outputs))
     }
 }
 
@@ -204,14 +396,36 @@ impl Scorer for Energy {
     }
 }
 
-/// Builds the scorer for `method` at temperature `temperature`.
-pub fn scorer(method: Method, temperature: f32) -> Box<dyn Scorer> {
-    match method {
+impl Scorer for Gen {
+    fn method(&self) -> Method {
+        self.method()
+    }
+    fn score(&self, outputs: Outputs<'_>) -> f32 {
+        let z = outputs.preferred();
+        let mut out = [f32::NAN];
+        let batch = FeatureBatch {
+            logits: z,
+            features: &[],
+            n: 1,
+        };
+        match self.score_batch(batch, &mut out) {
+            Ok(()) => out[0],
+            Err(_) => f32::NAN,
+        }
+    }
+}
+
+/// Builds the per-frame scorer of a logit method at temperature
+/// `temperature`; `None` for the methods that score through [`Scorers`].
+pub fn scorer(method: Method, temperature: f32) -> Option<Box<dyn Scorer>> {
+    Some(match method {
         Method::Msp => Box::new(Msp { temperature }),
         Method::Odin => Box::new(Odin { temperature }),
         Method::MaxLogit => Box::new(MaxLogit),
         Method::Energy => Box::new(Energy { temperature }),
-    }
+        Method::Gen { .. } => Box::new(Gen::for_method(method)?),
+        _ => return None,
+    })
 }
 
 /// Index of the largest logit; the first one on ties, as `torch.argmax`.
@@ -323,9 +537,39 @@ mod tests {
 
     #[test]
     fn methods_parse_from_their_names() {
-        for m in [Method::Msp, Method::Odin, Method::MaxLogit, Method::Energy] {
-            assert_eq!(m.as_str().parse::<Method>(), Ok(m));
+        for m in [
+            Method::Msp,
+            Method::Odin,
+            Method::MaxLogit,
+            Method::Energy,
+            Method::Knn { k: 10 },
+            Method::Vim { dim: 0 },
+            Method::Vim { dim: 32 },
+            Method::Mds,
+            Method::Rmds,
+            Method::React { percentile: 9950 },
+            Method::Fdbd,
+            Method::Gen { gamma: 100, m: 10 },
+            Method::Combined,
+        ] {
+            assert_eq!(m.as_str().parse::<Method>(), Ok(m), "{m}");
         }
+        assert_eq!("knn".parse(), Ok(Method::Knn { k: 50 }));
+        assert_eq!("knn:k=7".parse(), Ok(Method::Knn { k: 7 }));
+        assert_eq!("react".parse(), Ok(Method::React { percentile: 9000 }));
+        assert_eq!("react(p=99)".to_string(), "react(p=99)");
+        assert_eq!(
+            "gen".parse::<Method>().unwrap().to_string(),
+            "gen(gamma=0.1,M=100)"
+        );
         assert!("odinn".parse::<Method>().unwrap_err().contains("odinn"));
+        assert!("knn(k=0)".parse::<Method>().is_err());
+        assert!("knn(j=3)".parse::<Method>().unwrap_err().contains("\"j\""));
+        assert!("react(p=120)".parse::<Method>().is_err());
+        assert!("vim(dim=x)".parse::<Method>().is_err());
+        // Every method but the baselines reads the perturbed frame.
+        assert!(!Method::Msp.perturbs() && !Method::MaxLogit.perturbs());
+        assert!(Method::Knn { k: 1 }.perturbs() && Method::Knn { k: 1 }.needs_features());
+        assert!(Method::Gen { gamma: 1, m: 1 }.perturbs() && !Method::Odin.needs_features());
     }
 }

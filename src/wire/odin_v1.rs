@@ -184,6 +184,9 @@ impl From<&domain::ModelInfo> for ModelInfo {
                 max_epsilon: scoring.max_epsilon,
                 perturbation_available: scoring.perturbation_available,
                 calibration_version: info.versions.calibration.to_string(),
+                detector: scoring.detector.clone(),
+                fit_stats: scoring.fit_stats.clone(),
+                feature_dim: scoring.feature_dim,
             }),
             revision: info.versions.model.to_string(),
         }

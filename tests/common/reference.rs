@@ -65,6 +65,7 @@ pub fn reference_engine(config: &ServeConfig) -> Engine {
     let options = EngineOptions {
         device: Device::Cpu,
         intra_threads: 1,
+        fused: true,
     };
     Engine::load(&model, None, &options).expect("engine builds")
 }

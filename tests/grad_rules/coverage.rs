@@ -26,6 +26,7 @@ fn uncovered_ops_are_all_listed_in_one_error() {
         &GradOptions {
             std: vec![1.0],
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect_err("Sin and Floor have no rule");
@@ -61,6 +62,7 @@ fn rule_errors_name_node_op_and_opset() {
         &GradOptions {
             std: vec![1.0],
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect_err("reflect padding is not covered")
@@ -103,6 +105,7 @@ fn uncovered_ops_are_listed_even_when_onnx_runtime_cannot_run_them() {
         &GradOptions {
             std: vec![1.0],
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .unwrap_err();

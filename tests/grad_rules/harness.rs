@@ -341,6 +341,7 @@ pub fn check_case(case: Case) -> (&'static str, f64) {
             &GradOptions {
                 std: vec![1.0],
                 raw_gradient: true,
+                ..Default::default()
             },
         )
         .map_err(|e| e.to_string())?;

@@ -37,6 +37,7 @@ fn trailing_softmax_is_skipped_and_reported() {
     let opts = GradOptions {
         std: vec![1.0],
         raw_gradient: true,
+        ..Default::default()
     };
     let a = derive(&plain, &opts).unwrap();
     let b = derive(&with_softmax, &opts).unwrap();
@@ -88,6 +89,7 @@ fn perturbed_uses_sign_with_zero_as_plus_and_per_channel_std() {
         &GradOptions {
             std: std.to_vec(),
             raw_gradient: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -134,6 +136,7 @@ fn bad_std_is_rejected() {
             &GradOptions {
                 std: std.clone(),
                 raw_gradient: false,
+                ..Default::default()
             },
         );
         assert!(matches!(e, Err(GradError::Std(_))), "{std:?}: {e:?}");
@@ -163,6 +166,7 @@ fn images_in_a_batch_do_not_mix() {
         &GradOptions {
             std: vec![1.0],
             raw_gradient: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -211,6 +215,7 @@ fn a_fixed_batch_size_is_kept() {
     let opts = GradOptions {
         std: vec![1.0],
         raw_gradient: true,
+        ..Default::default()
     };
     let a = derive(&plain, &opts).unwrap();
     let b = derive(&pinned, &opts).unwrap();

@@ -81,6 +81,7 @@ fn max_pool_opset13_overlapping_windows_are_refused() {
         &GradOptions {
             std: vec![1.0],
             raw_gradient: false,
+            ..Default::default()
         },
     )
     .expect_err("needs opset 16")

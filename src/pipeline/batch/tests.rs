@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::pipeline::tests::{alone, engine, input};
+use crate::score::Method;
 
 const P1: Perturbation = Perturbation {
     temperature: 1000.0,
@@ -15,6 +16,26 @@ const P2: Perturbation = Perturbation {
     epsilon: 0.0014,
 };
 
+/// ODIN at `perturbation`, or MSP without one, with no feature statistics.
+fn score_with(perturbation: Option<Perturbation>) -> ScoreWith {
+    let scoring = match perturbation {
+        Some(p) => Scoring {
+            method: Method::Odin,
+            temperature: p.temperature,
+            epsilon: p.epsilon,
+        },
+        None => Scoring {
+            method: Method::Msp,
+            temperature: 1.0,
+            epsilon: 0.0,
+        },
+    };
+    ScoreWith {
+        scoring,
+        scorers: Arc::new(Scorers::new(Vec::new(), None, None)),
+    }
+}
+
 /// A job whose input is its name, and the receiver of its answer.
 fn job(
     name: u8,
@@ -24,6 +45,7 @@ fn job(
     let job = Job {
         input: vec![f32::from(name)],
         perturbation,
+        score: score_with(perturbation),
         deadline: None,
         enqueued: Instant::now(),
         trace: None,
@@ -165,7 +187,7 @@ async fn a_client_past_its_queue_capacity_waits_and_others_do_not() {
         let batcher = batcher.clone();
         tokio::spawn(async move {
             batcher
-                .infer(ClientId(client), vec![0.0], None, None, None)
+                .infer(ClientId(client), vec![0.0], score_with(None), None, None)
                 .await
         })
     };
@@ -270,7 +292,7 @@ async fn every_frame_gets_its_own_logits_whatever_it_was_batched_with() {
                     .infer(
                         ClientId(seed as u64 % 3),
                         input(seed),
-                        perturbation,
+                        score_with(perturbation),
                         None,
                         None,
                     )
@@ -295,6 +317,22 @@ async fn every_frame_gets_its_own_logits_whatever_it_was_batched_with() {
             assert_eq!(perturbed.len(), want.len());
             assert_ne!(perturbed, &inference.logits, "ε moved the logits");
         }
+        // Scored with its own scoring, whatever its batch mates asked for.
+        let (logits, t) = match perturbation {
+            Some(p) => (
+                inference.perturbed_logits.as_deref().unwrap(),
+                p.temperature,
+            ),
+            None => (&inference.logits[..], 1.0),
+        };
+        let top = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum: f32 = logits.iter().map(|&v| ((v - top) / t).exp()).sum();
+        assert!(
+            (inference.score - 1.0 / sum).abs() < 1e-5,
+            "seed {seed}: score {} vs {}",
+            inference.score,
+            1.0 / sum
+        );
         assert!((1..=4).contains(&inference.batch_size));
         assert!(!inference.compute.is_zero());
         frames += 1;
