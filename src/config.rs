@@ -56,6 +56,10 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// a 512 MiB container keeps half for the model, the runtime and the
 /// decoders (see README, "Limits and failure behaviour").
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Default bytes of request messages on their way in (see
+/// `server::receive`): with the frame budget, under 512 MiB in all.
+pub const DEFAULT_RECEIVE_BUDGET: usize = 64 * 1024 * 1024;
 /// Largest image a decoder may produce, in pixels, checked from the header
 /// before anything is allocated: 4096² covers 4K UHD (3840×2160) and keeps
 /// one RGBA decode under 64 MiB.
@@ -126,6 +130,8 @@ pub struct NetworkOptions {
     pub max_connection_age_grace: Duration,
     /// Server-generated stream resets tolerated per connection.
     pub max_local_resets: usize,
+    /// Bytes of request messages being received at once, over all calls.
+    pub receive_budget: usize,
     /// Longest a unary call may take; a client's shorter `grpc-timeout` wins.
     pub request_timeout: Option<Duration>,
     /// How long a shutdown waits for accepted frames.
@@ -141,6 +147,7 @@ pub struct NetworkOptions {
 impl Default for NetworkOptions {
     fn default() -> Self {
         NetworkOptions {
+            receive_budget: DEFAULT_RECEIVE_BUDGET,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
@@ -307,6 +314,13 @@ impl ServeConfig {
             return bad(format!(
                 "the memory budget ({} MiB) must hold at least one frame of the largest size ({} MiB)",
                 self.memory_budget >> 20,
+                MAX_MESSAGE_BYTES >> 20
+            ));
+        }
+        if self.network.receive_budget < MAX_MESSAGE_BYTES {
+            return bad(format!(
+                "the receive budget ({} MiB) must hold at least one message of the largest size ({} MiB)",
+                self.network.receive_budget >> 20,
                 MAX_MESSAGE_BYTES >> 20
             ));
         }

@@ -273,7 +273,12 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<std::process::ExitCode> {
             };
             let (sa, sb) = (remap(a.stats), remap(b.stats));
             let spec = CombinationSpec {
-                parts: vec![part(a, *weight, na, sa), part(b, 1.0 - weight, nb, sb)],
+                // 1 − 0.9 is 0.09999999999999998 in binary; the grid is in
+                // tenths, so the file says 0.1 (a 2e-17 change of the score).
+                parts: vec![
+                    part(a, *weight, na, sa),
+                    part(b, ((1.0 - weight) * 1e9).round() / 1e9, nb, sb),
+                ],
             };
             let (t, e) = perturbation.map_or((1.0, 0.0), |p| (p.temperature, p.epsilon));
             (Method::Combined, t, e, Some(spec))

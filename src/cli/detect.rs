@@ -126,6 +126,7 @@ pub async fn run(args: DetectArgs) -> anyhow::Result<ExitCode> {
         window,
         caller: Caller::in_process(),
         draining,
+        admitted: order::AdmitHook::default(),
     };
     tokio::spawn(order::drive(
         app.pipeline(),

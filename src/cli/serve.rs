@@ -57,6 +57,12 @@ pub struct LimitArgs {
     /// RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = config::DEFAULT_MEMORY_BUDGET >> 20, env = "ODIN_MEMORY_BUDGET_MIB")]
     pub memory_budget_mib: usize,
+    /// Bytes of request messages being received at once, over all calls,
+    /// in MiB, counted from each message's length prefix until its frames
+    /// are admitted: when full, streams stop being read and unary calls get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = config::DEFAULT_RECEIVE_BUDGET >> 20, env = "ODIN_RECEIVE_BUDGET_MIB")]
+    pub receive_budget_mib: usize,
     /// Frames one stream may have in flight before it stops being read.
     #[arg(long, default_value_t = crate::pipeline::order::DEFAULT_WINDOW, env = "ODIN_STREAM_WINDOW")]
     pub stream_window: usize,
@@ -144,6 +150,7 @@ impl LimitArgs {
         config.fields.max_attributes = self.max_attributes;
         config.fields.max_attribute_bytes = self.max_attribute_bytes;
         config.network = NetworkOptions {
+            receive_budget: self.receive_budget_mib.saturating_mul(1 << 20),
             max_connections: self.max_connections,
             max_concurrent_streams: self.max_concurrent_streams,
             keepalive_interval: seconds("--keepalive-interval-s", self.keepalive_interval_s)?,

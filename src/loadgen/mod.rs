@@ -49,12 +49,21 @@ pub enum Pacing {
         /// Frames in flight per stream or worker.
         in_flight: usize,
     },
-    /// Frames per second over all streams, on a fixed schedule.
+    /// Frames per second over all streams, on a fixed schedule, with at
+    /// most [`OPEN_IN_FLIGHT`] frames outstanding per stream or worker.
     Open {
         /// Target frames per second.
         rate: f64,
     },
 }
+
+/// Frames one open-loop sender keeps outstanding at most. A real client
+/// has such a bound too; without it, offering several times what the server
+/// takes piles unsent frames up in the load generator's own memory (5× on
+/// 720p frames reached 23 GB). A sender at the bound falls behind its
+/// schedule, and since latency counts from the scheduled time, that wait is
+/// in the figures.
+pub const OPEN_IN_FLIGHT: usize = 32;
 
 /// A load run.
 #[derive(Debug, Clone)]
@@ -242,29 +251,31 @@ pub async fn run(config: LoadConfig, progress: bool) -> Result<Report, LoadError
 async fn stream_worker(run: Arc<Run>, mut client: DetectorClient<Channel>, senders: usize) {
     let (tx, rx) = mpsc::channel::<Frame>(256);
     let intended: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
-    let permits = match run.config.pacing {
-        Pacing::Closed { in_flight } => Some(Arc::new(Semaphore::new(in_flight.max(1)))),
-        Pacing::Open { .. } => None,
+    let in_flight = match run.config.pacing {
+        Pacing::Closed { in_flight } => in_flight.max(1),
+        Pacing::Open { .. } => OPEN_IN_FLIGHT,
     };
+    let permits = Arc::new(Semaphore::new(in_flight));
     let sender = {
         let (run, intended, permits) = (Arc::clone(&run), Arc::clone(&intended), permits.clone());
         tokio::spawn(async move {
             let mut k = 0u64;
             while let Some(n) = run.claim() {
-                let at = match (&permits, run.config.pacing) {
-                    (Some(p), _) => {
-                        match Arc::clone(p).acquire_owned().await {
-                            Ok(permit) => permit.forget(),
-                            Err(_) => break,
-                        }
-                        Instant::now()
-                    }
-                    (None, Pacing::Open { rate }) => {
+                let at = match run.config.pacing {
+                    Pacing::Open { rate } => {
                         let at = run.scheduled(k, rate / senders as f64);
                         tokio::time::sleep_until(at).await;
                         at
                     }
-                    (None, Pacing::Closed { .. }) => Instant::now(),
+                    Pacing::Closed { .. } => Instant::now(),
+                };
+                match Arc::clone(&permits).acquire_owned().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => break,
+                }
+                let at = match run.config.pacing {
+                    Pacing::Open { .. } => at,
+                    Pacing::Closed { .. } => Instant::now(),
                 };
                 k += 1;
                 if let Ok(mut q) = intended.lock() {
@@ -290,9 +301,7 @@ async fn stream_worker(run: Arc<Run>, mut client: DetectorClient<Channel>, sende
                             .and_then(|mut q| q.pop_front())
                             .unwrap_or_else(Instant::now);
                         run.record(at, Ok(&verdict));
-                        if let Some(p) = &permits {
-                            p.add_permits(1);
-                        }
+                        permits.add_permits(1);
                     }
                     Err(status) => {
                         failure = status;
@@ -303,9 +312,7 @@ async fn stream_worker(run: Arc<Run>, mut client: DetectorClient<Channel>, sende
         }
         Err(status) => failure = status,
     }
-    if let Some(p) = &permits {
-        p.close();
-    }
+    permits.close();
     let _ = sender.await;
     // Frames sent but never answered (the stream failed) count as failures.
     let lost: Vec<Instant> = intended
@@ -323,7 +330,7 @@ async fn stream_worker(run: Arc<Run>, mut client: DetectorClient<Channel>, sende
 async fn unary_worker(run: Arc<Run>, client: DetectorClient<Channel>, senders: usize) {
     let in_flight = match run.config.pacing {
         Pacing::Closed { in_flight } => in_flight.max(1),
-        Pacing::Open { .. } => usize::MAX >> 4,
+        Pacing::Open { .. } => OPEN_IN_FLIGHT,
     };
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut calls = tokio::task::JoinSet::new();

@@ -34,6 +34,36 @@ pub struct StreamOptions {
     /// no longer read, its accepted frames are answered, then it ends with
     /// UNAVAILABLE. A receiver whose sender is gone never drains.
     pub draining: watch::Receiver<bool>,
+    /// Called as each frame takes its share of the memory budget: the edge
+    /// then releases what it counted for the message on its way in.
+    pub admitted: AdmitHook,
+}
+
+/// A callback run once per admitted frame; the default does nothing.
+#[derive(Clone, Default)]
+pub struct AdmitHook(Option<Arc<dyn Fn() + Send + Sync>>);
+
+impl AdmitHook {
+    /// Runs `f` for every admitted frame.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> AdmitHook {
+        AdmitHook(Some(Arc::new(f)))
+    }
+
+    fn run(&self) {
+        if let Some(f) = &self.0 {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for AdmitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AdmitHook(set)"
+        } else {
+            "AdmitHook(none)"
+        })
+    }
 }
 
 type Admitting = Pin<Box<dyn Future<Output = Option<Admitted>> + Send>>;
@@ -58,6 +88,7 @@ pub async fn drive<S, E, T>(
         window,
         caller,
         mut draining,
+        admitted: on_admitted,
     } = options;
     let window = window.max(1);
     let mut in_flight = FuturesOrdered::new();
@@ -90,7 +121,10 @@ pub async fn drive<S, E, T>(
             admitted = async { admitting.as_mut()?.await }, if admitting.is_some() => {
                 admitting = None;
                 match admitted {
-                    Some(admitted) => in_flight.push_back(judge(&pipeline, admitted, &caller)),
+                    Some(admitted) => {
+                        on_admitted.run();
+                        in_flight.push_back(judge(&pipeline, admitted, &caller));
+                    }
                     None => {
                         reading = false;
                         ending = Some(CallError::ShuttingDown.into());
@@ -111,7 +145,10 @@ pub async fn drive<S, E, T>(
                 if reading && admitting.is_none() && in_flight.len() < window => match frame
             {
                 Some(Ok(frame)) => match pipeline.budget.try_admit(frame) {
-                    Ok(admitted) => in_flight.push_back(judge(&pipeline, admitted, &caller)),
+                    Ok(admitted) => {
+                        on_admitted.run();
+                        in_flight.push_back(judge(&pipeline, admitted, &caller));
+                    }
                     Err(frame) => {
                         let budget = pipeline.budget.clone();
                         admitting = Some(Box::pin(async move { budget.admit(*frame).await }));

@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::call;
+use super::receive::Receipts;
 use crate::domain::FrameRequest;
 use crate::pipeline::{order, Pipeline};
 use crate::telemetry::{Rpc, Telemetry};
@@ -79,10 +80,13 @@ impl Detector for DetectorService {
         request: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::DetectStream>, Status> {
         let telemetry = Arc::clone(self.pipeline.telemetry());
+        // Each message's receive charge goes once its frame holds its own.
+        let receipts = Receipts::of(&request);
         let options = order::StreamOptions {
             window: self.window,
             caller: call::caller(&request, Rpc::Detect, &telemetry),
             draining: self.draining.clone(),
+            admitted: order::AdmitHook::new(move || receipts.settle()),
         };
         // Every frame of the stream shares the call's deadline.
         let deadline = call::deadline(request.metadata(), Instant::now());
@@ -113,13 +117,16 @@ impl Detector for DetectorService {
         let caller = call::caller(&request, Rpc::DetectOne, self.pipeline.telemetry());
         let deadline =
             call::unary_deadline(request.metadata(), Instant::now(), self.request_timeout);
+        let receipts = Receipts::of(&request);
         let frame = FrameRequest {
             deadline,
             ..FrameRequest::from(request.into_inner())
         };
         // A unary call that does not fit in the memory budget is refused
         // now: it has no stream to hold back.
-        let admitted = self.pipeline.try_admit(frame).map_err(|e| {
+        let admitted = self.pipeline.try_admit(frame);
+        receipts.settle();
+        let admitted = admitted.map_err(|e| {
             self.pipeline
                 .telemetry()
                 .metrics()

@@ -31,6 +31,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::detector::StreamOpen;
+use super::receive::Receipts;
 use super::{call, Health};
 use crate::domain::{FrameRequest, Judgement};
 use crate::error::CallError;
@@ -140,6 +141,7 @@ impl GrpcInferenceService for InferenceService {
         let caller = call::caller(&request, Rpc::ModelInfer, self.pipeline.telemetry());
         let deadline =
             call::unary_deadline(request.metadata(), Instant::now(), self.request_timeout);
+        let receipts = Receipts::of(&request);
         let (reply, frames) =
             kserve_v2::parse_request(request.into_inner(), &self.spec(), deadline)?;
         // Every element is charged before any is judged: a call that does
@@ -158,6 +160,9 @@ impl GrpcInferenceService for InferenceService {
                 }
             }
         }
+        // Its frames hold their own charges now (a refusal above returns,
+        // and dropping `receipts` releases it then).
+        receipts.settle();
         let mut judging: FuturesOrdered<_> = admitted
             .into_iter()
             .map(|a| judge(&self.pipeline, a, &caller))
@@ -196,6 +201,7 @@ impl GrpcInferenceService for InferenceService {
             caller: call::caller(&request, Rpc::ModelStreamInfer, &telemetry),
             // Every request of the stream shares the call's deadline.
             deadline: call::deadline(request.metadata(), Instant::now()),
+            receipts: Receipts::of(&request),
         };
         let (responses, out) = mpsc::channel(self.window);
         let drive = stream.drive(request.into_inner(), responses, self.draining.clone());
@@ -223,6 +229,8 @@ struct StreamState {
     window: usize,
     caller: Caller,
     deadline: Option<Instant>,
+    /// Each request's receive charge, released once its frames hold theirs.
+    receipts: Receipts,
 }
 
 /// A request read off a stream and not yet answered.
@@ -313,6 +321,11 @@ impl StreamState {
                     match admitted {
                         Some(admitted) => {
                             in_flight.push_back(judge(&self.pipeline, admitted, &self.caller));
+                            // A request is read only once the previous one's
+                            // frames are all admitted: this was its last.
+                            if to_admit.is_empty() {
+                                self.receipts.settle();
+                            }
                         }
                         None => {
                             // The budget closed, which nothing does: the
@@ -348,6 +361,9 @@ impl StreamState {
                             Ok((reply, frames)) => (Ok(reply), frames),
                             Err(status) => (Err(status), Vec::new()),
                         };
+                        if frames.is_empty() {
+                            self.receipts.settle();
+                        }
                         pending.push_back(Pending {
                             request: id,
                             reply,

@@ -11,6 +11,7 @@ pub mod detector;
 pub mod health;
 pub mod http;
 pub mod inference;
+pub mod receive;
 pub mod stack;
 pub mod tls;
 

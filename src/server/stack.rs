@@ -15,6 +15,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service};
 
 use super::conn::{CallGuard, ConnInfo};
+use super::receive::Receiving;
 use crate::config::NetworkOptions;
 use crate::error::CallError;
 use crate::telemetry::Metrics;
@@ -55,7 +56,13 @@ pub struct StackOptions {
 
 /// The layered server, ready for services.
 pub type Stacked = Server<
-    Stack<Gate<Admission>, Stack<Gate<Auth>, Stack<Gate<Draining>, Stack<CallTracker, Identity>>>>,
+    Stack<
+        Receiving,
+        Stack<
+            Gate<Admission>,
+            Stack<Gate<Auth>, Stack<Gate<Draining>, Stack<CallTracker, Identity>>>,
+        >,
+    >,
 >;
 
 /// The server with its HTTP/2 settings and every layer, outermost first.
@@ -99,6 +106,9 @@ pub fn server(options: &StackOptions) -> Stacked {
             Admission::new(&UNARY_CALLS, options.max_unary_in_flight),
             &options.metrics,
         ))
+        // Count each message from its length prefix, before tonic buffers
+        // it whole: innermost, so refused calls never take a share.
+        .layer(Receiving::new(net.receive_budget))
 }
 
 /// A rule that admits or refuses a call by its path and headers, and may

@@ -52,6 +52,18 @@ impl H2 {
         message: &[u8],
         end: bool,
     ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+        let (response, mut body) = self.open(path, headers).await;
+        body.send_data(grpc_message(message), end)
+            .expect("send data");
+        (response, body)
+    }
+
+    /// Starts a gRPC call to `path` with extra `headers`, sending nothing yet.
+    pub async fn open(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
         let mut request = http::Request::builder()
             .method("POST")
             .uri(format!("http://{}{path}", self.addr))
@@ -62,10 +74,7 @@ impl H2 {
         }
         let request = request.body(()).expect("request");
         let mut send = self.send.clone().ready().await.expect("ready");
-        let (response, mut body) = send.send_request(request, false).expect("send");
-        body.send_data(grpc_message(message), end)
-            .expect("send data");
-        (response, body)
+        send.send_request(request, false).expect("send")
     }
 }
 

@@ -158,3 +158,56 @@ async fn streams_past_the_budget_wait_and_lose_nothing() {
         0.0
     );
 }
+
+/// A message counts against the receive budget from its length prefix:
+/// calls that announce large messages and then stall hold it, so the next
+/// large unary call is refused at once rather than buffered whole beside
+/// them (256 such calls held 0.7 GB before); small calls still fit, and the
+/// budget comes back when the stalled calls go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_their_way_in_count_against_the_receive_budget() {
+    let _serial = serial().await;
+    let mut config = config();
+    config.network.receive_budget = BUDGET;
+    let server = Server::start(config).await;
+    let mut h2 = crate::http2::h2_connect(server.addr).await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (response, mut body) = h2.open("/odin.v1.Detector/DetectOne", &[]).await;
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&(7 * MIB as u32).to_be_bytes());
+        body.send_data(bytes::Bytes::from(prefix), false)
+            .expect("send the prefix");
+        stalled.push((response, body));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut client = server.client().await;
+    let status = client
+        .detect_one(big("big", 1))
+        .await
+        .expect_err("14 MiB of 16 are announced: a 6 MiB frame does not fit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("receive budget (16 MiB)"),
+        "{}",
+        status.message()
+    );
+    assert_judged(
+        client
+            .detect_one(tiny("small"))
+            .await
+            .expect("fits")
+            .get_ref(),
+    );
+
+    for (_, mut body) in stalled {
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let verdict = client
+        .detect_one(big("big-again", 2))
+        .await
+        .expect("the stalled calls' share came back");
+    assert_judged(verdict.get_ref());
+}

@@ -18,6 +18,7 @@ fn options(window: usize) -> StreamOptions {
         window,
         caller: Caller::in_process(),
         draining,
+        admitted: AdmitHook::default(),
     }
 }
 
