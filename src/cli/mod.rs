@@ -139,6 +139,12 @@ pub struct ModelArgs {
     /// Intra-op threads per session (0 = ONNX Runtime's choice).
     #[arg(long, default_value_t = config::DEFAULT_INTRA_THREADS, env = "ODIN_THREADS")]
     pub threads: usize,
+    /// How ODIN runs: `fused` (one graph: the gradient pass and the forward
+    /// pass on the perturbed input, one session run) or `two-session` (the
+    /// gradient graph, then the model on its output). Equal results; equal
+    /// speed on CPU (README, "Engine cost of ODIN").
+    #[arg(long, value_enum, default_value_t = EngineKind::Fused, env = "ODIN_ENGINE")]
+    pub engine: EngineKind,
     /// Engine worker threads, one ONNX Runtime session each.
     #[arg(long, default_value_t = config::DEFAULT_WORKERS, env = "ODIN_WORKERS")]
     pub workers: usize,
@@ -195,6 +201,15 @@ pub struct ModelArgs {
     pub fit_stats: Vec<PathBuf>,
 }
 
+/// `--engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// One fused graph.
+    Fused,
+    /// The gradient graph, then the model.
+    TwoSession,
+}
+
 impl ModelArgs {
     /// Resolves the flags into a serving configuration.
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
@@ -217,7 +232,7 @@ impl ModelArgs {
             engine: EngineOptions {
                 device: self.device,
                 intra_threads: self.threads,
-                fused: true,
+                fused: self.engine == EngineKind::Fused,
             },
             workers: self.workers,
             batch: BatchOptions {

@@ -25,6 +25,15 @@ pub fn caller<T>(request: &Request<T>, rpc: Rpc, telemetry: &Telemetry) -> Calle
     }
 }
 
+/// When `request`'s headers arrived at the server stack; now, for a call
+/// that did not come through it.
+pub fn arrived<T>(request: &Request<T>) -> Instant {
+    request
+        .extensions()
+        .get::<super::stack::Arrived>()
+        .map_or_else(Instant::now, |a| a.0)
+}
+
 /// The call's deadline, from its `grpc-timeout` header (the gRPC spec's
 /// "TimeoutValue TimeoutUnit": at most 8 digits, then H, M, S, m, u or n).
 /// An unreadable header is ignored, as if absent.

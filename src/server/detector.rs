@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -89,7 +88,7 @@ impl Detector for DetectorService {
             admitted: order::AdmitHook::new(move || receipts.settle()),
         };
         // Every frame of the stream shares the call's deadline.
-        let deadline = call::deadline(request.metadata(), Instant::now());
+        let deadline = call::deadline(request.metadata(), call::arrived(&request));
         let frames = request.into_inner().map(move |frame| {
             frame.map(|frame| FrameRequest {
                 deadline,
@@ -115,8 +114,11 @@ impl Detector for DetectorService {
 
     async fn detect_one(&self, request: Request<Frame>) -> Result<Response<Verdict>, Status> {
         let caller = call::caller(&request, Rpc::DetectOne, self.pipeline.telemetry());
-        let deadline =
-            call::unary_deadline(request.metadata(), Instant::now(), self.request_timeout);
+        let deadline = call::unary_deadline(
+            request.metadata(),
+            call::arrived(&request),
+            self.request_timeout,
+        );
         let receipts = Receipts::of(&request);
         let frame = FrameRequest {
             deadline,

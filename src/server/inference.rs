@@ -139,8 +139,11 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let caller = call::caller(&request, Rpc::ModelInfer, self.pipeline.telemetry());
-        let deadline =
-            call::unary_deadline(request.metadata(), Instant::now(), self.request_timeout);
+        let deadline = call::unary_deadline(
+            request.metadata(),
+            call::arrived(&request),
+            self.request_timeout,
+        );
         let receipts = Receipts::of(&request);
         let (reply, frames) =
             kserve_v2::parse_request(request.into_inner(), &self.spec(), deadline)?;
@@ -200,7 +203,7 @@ impl GrpcInferenceService for InferenceService {
             window: self.window,
             caller: call::caller(&request, Rpc::ModelStreamInfer, &telemetry),
             // Every request of the stream shares the call's deadline.
-            deadline: call::deadline(request.metadata(), Instant::now()),
+            deadline: call::deadline(request.metadata(), call::arrived(&request)),
             receipts: Receipts::of(&request),
         };
         let (responses, out) = mpsc::channel(self.window);

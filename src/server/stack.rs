@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::http;
@@ -327,8 +328,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let guard = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
+        // Deadlines count from here, as tonic's own timer does, not from
+        // when the handler starts (after the whole message has arrived).
+        request.extensions_mut().insert(Arrived(Instant::now()));
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = call.await?;
@@ -339,6 +343,10 @@ where
         })
     }
 }
+
+/// When a call's headers arrived (see `call::arrived`).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
 
 /// A response body that keeps its call counted as open until it is done.
 #[derive(Debug)]

@@ -33,10 +33,7 @@ fn message(len: usize) -> Vec<u8> {
 
 /// `bytes` cut into chunks of `size`.
 fn chunked(bytes: &[u8], size: usize) -> VecDeque<Bytes> {
-    bytes
-        .chunks(size)
-        .map(Bytes::copy_from_slice)
-        .collect()
+    bytes.chunks(size).map(Bytes::copy_from_slice).collect()
 }
 
 fn charged(budget: &Receiving, chunks: VecDeque<Bytes>, waits: bool) -> (Charged, Receipts) {
