@@ -25,6 +25,13 @@ pub struct Stats {
     /// Decode time of each measured frame (waiting for a decoder included),
     /// in microseconds, as the verdicts report it.
     pub decode: Histogram<u64>,
+    /// Time each measured frame waited for an engine worker, in
+    /// microseconds, as the verdicts report it.
+    pub queue: Histogram<u64>,
+    /// The server's own time for each measured frame (received to
+    /// answered), in microseconds, as the verdicts report it: the rest of
+    /// the latency is the network, the client and the answer's way out.
+    pub server_total: Histogram<u64>,
     /// Answers of any kind (warm-up included).
     pub answered: u64,
     /// Measured answers (after warm-up).
@@ -50,6 +57,10 @@ impl Default for Stats {
             compute: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             decode: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            queue: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            server_total: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("static histogram bounds are valid"),
             answered: 0,
             measured: 0,
@@ -87,6 +98,10 @@ impl Stats {
                         .record(latency.as_micros().clamp(1, 600_000_000) as u64);
                     let decode = v.timings.map_or(0, |t| t.decode_us);
                     let _ = self.decode.record(decode.clamp(1, 600_000_000));
+                    let queue = v.timings.map_or(0, |t| t.queue_us);
+                    let _ = self.queue.record(queue.clamp(1, 600_000_000));
+                    let total = v.timings.map_or(0, |t| t.total_us);
+                    let _ = self.server_total.record(total.clamp(1, 600_000_000));
                 }
                 None => {}
             },

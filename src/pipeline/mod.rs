@@ -428,7 +428,12 @@ impl Pipeline {
     /// Decodes on the blocking pool, a bounded number at a time, shared
     /// fairly among clients: a large JPEG takes milliseconds, which must not
     /// block the async runtime, and one client's must not block the others.
+    /// A light frame (a thumbnail, a model-size tensor) is decoded in place:
+    /// the handoff to a decoder thread would cost more than the decode.
     async fn decode(self: &Arc<Self>, work: Work) -> Result<Vec<f32>, FrameError> {
+        if work.generation.preprocessor.is_light(work.image.as_ref()) {
+            return work.generation.preprocessor.tensor(work.image.as_ref());
+        }
         let slot = self.decoders.acquire(work.client).await;
         if past(work.deadline) {
             return Err(FrameError::DeadlineExceeded);

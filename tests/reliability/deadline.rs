@@ -108,6 +108,12 @@ async fn settle_computed(server: &Server, want: f64) -> f64 {
     }
 }
 
+/// A frame that goes through a decoder (256×256, above what is decoded in
+/// place), so it queues behind the slow ones.
+fn queued_frame(id: &str) -> Frame {
+    encoded_frame(id, pattern_png(256, 256))
+}
+
 /// Keeps the single decoder busy with `n` slow frames on a stream over
 /// `h2`'s connection; returns when they are all in flight. A call on the
 /// same connection then waits behind them (the decoders are shared fairly
@@ -154,7 +160,7 @@ async fn detect_one_past_its_deadline_is_deadline_exceeded_and_not_computed() {
         .call(
             "/odin.v1.Detector/DetectOne",
             &[("grpc-timeout", "50m")],
-            &tiny("late").encode_to_vec(),
+            &queued_frame("late").encode_to_vec(),
             true,
         )
         .await;
@@ -198,7 +204,7 @@ async fn the_servers_request_timeout_bounds_a_detect_one_without_a_deadline() {
         .call(
             "/odin.v1.Detector/DetectOne",
             &[],
-            &tiny("no-deadline").encode_to_vec(),
+            &queued_frame("no-deadline").encode_to_vec(),
             true,
         )
         .await;

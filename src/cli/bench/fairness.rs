@@ -34,6 +34,11 @@ pub struct FairnessBench {
     /// server's --max-pixels).
     #[arg(long, default_value_t = 4096)]
     pub side: u32,
+    /// Size of client B's raw frames, WIDTHxHEIGHT. Frames of at most
+    /// 128×128 are decoded in place and never wait for a decoder; larger
+    /// ones show how the decoders are shared.
+    #[arg(long, default_value = "32x32")]
+    pub b_frame: String,
     /// Client A's streams.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
@@ -99,7 +104,7 @@ pub async fn run(args: &FairnessBench) -> anyhow::Result<ExitCode> {
     flags.extend(args.server_flags.split_whitespace().map(str::to_string));
     let server = ServerProcess::start(&flags).await?;
     let addr = server.addr.clone();
-    let small = raw_frames("32x32", 8)?;
+    let small = raw_frames(&args.b_frame, 8)?;
 
     // A hostile header: refused before anything is allocated.
     let mut client = DetectorClient::connect(format!("http://{addr}")).await?;
@@ -140,8 +145,8 @@ pub async fn run(args: &FairnessBench) -> anyhow::Result<ExitCode> {
     drop(server);
 
     println!(
-        "| client B ({:.0} DetectOne/s, 32×32) | p50 (ms) | p99 (ms) | max (ms) | decode p99, server (ms) | answered | errors |",
-        args.rate
+        "| client B ({:.0} DetectOne/s, {}) | p50 (ms) | p99 (ms) | max (ms) | decode p99, server (ms) | answered | errors |",
+        args.rate, args.b_frame
     );
     println!("|---|---|---|---|---|---|---|");
     for (name, r) in [("alone", &alone), ("while A streams", &attacked)] {

@@ -200,6 +200,13 @@ pub async fn run(args: &ServeBench) -> anyhow::Result<ExitCode> {
         saturating / 2.0
     );
     println!("| median compute time of one batch at that load | {compute_ms:.2} ms |");
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "| p99 at that load: server total / decode / wait for a worker | {:.2} / {:.2} / {:.2} ms |",
+        ms(&open.stats.server_total, 0.99),
+        ms(&open.stats.decode, 0.99),
+        ms(&open.stats.queue, 0.99)
+    );
     println!(
         "| ratio p99 / batch compute | {:.2} |",
         p99 / compute_ms.max(1e-3)

@@ -138,6 +138,13 @@ pub fn log_backend() {
     }
 }
 
+/// Largest image, in pixels, that [`Preprocessor::is_light`] decodes in
+/// place: 128×128, a tenth of a millisecond to decode and resize.
+pub const LIGHT_PIXELS: usize = 128 * 128;
+
+/// Largest encoded image [`Preprocessor::is_light`] decodes in place.
+pub const LIGHT_BYTES: usize = 64 * 1024;
+
 /// Per-model preprocessing, built once from the card.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
@@ -247,6 +254,28 @@ impl Preprocessor {
             self.spec.height as usize,
             self.spec.width as usize,
         ]
+    }
+
+    /// Whether `image` is so small that decoding it costs less than handing
+    /// it to a decoder thread (tens of microseconds): a tensor or raw frame
+    /// of at most [`LIGHT_PIXELS`], or an encoded image of at most
+    /// [`LIGHT_BYTES`] whose header declares at most that many pixels. Such
+    /// frames are decoded where they arrive; on a busy machine the thread
+    /// handoff alone waits milliseconds for a core.
+    pub fn is_light(&self, image: Option<&ImageInput>) -> bool {
+        match image {
+            None => true,
+            Some(ImageInput::Tensor(t)) => t.data.len() <= 3 * LIGHT_PIXELS,
+            Some(ImageInput::Raw(raw)) => {
+                u64::from(raw.width) * u64::from(raw.height) <= LIGHT_PIXELS as u64
+            }
+            Some(ImageInput::Encoded(bytes)) => {
+                bytes.len() <= LIGHT_BYTES
+                    && codec::probe(bytes).map_or(true, |h| {
+                        u64::from(h.width) * u64::from(h.height) <= LIGHT_PIXELS as u64
+                    })
+            }
+        }
     }
 
     /// Decodes and normalizes one frame's image into a CHW tensor.
@@ -732,6 +761,35 @@ mod tests {
             enough.tensor(Some(&encoded(big))).expect("fits").len(),
             3 * 32 * 32
         );
+    }
+
+    #[test]
+    fn thumbnails_are_light_and_camera_frames_and_bombs_are_not() {
+        let pre = Preprocessor::new(&card32(Resize::Area));
+        let raw = |w: u32, h: u32| {
+            ImageInput::Raw(crate::domain::RawPixels {
+                width: w,
+                height: h,
+                channels: 3,
+                pixels: vec![0; (w * h * 3) as usize],
+            })
+        };
+        assert!(pre.is_light(Some(&raw(32, 32))));
+        assert!(pre.is_light(Some(&raw(128, 128))));
+        assert!(!pre.is_light(Some(&raw(1280, 720))));
+        assert!(pre.is_light(Some(&encoded(jpeg(&scene(64, 48), 64, 48)))));
+        assert!(!pre.is_light(Some(&encoded(jpeg(&scene(640, 480), 640, 480)))));
+        // A small file whose header claims a large image goes to a decoder
+        // (where the header check refuses it).
+        let mut bomb = jpeg(&scene(16, 16), 16, 16);
+        let sof = bomb
+            .windows(2)
+            .position(|m| m == [0xFF, 0xC0])
+            .expect("SOF0");
+        bomb[sof + 5..sof + 9].copy_from_slice(&[0x20, 0x00, 0x20, 0x00]);
+        assert!(!pre.is_light(Some(&encoded(bomb))));
+        // Bytes that are no image at all fail at once, in place.
+        assert!(pre.is_light(Some(&encoded(b"GIF89a".to_vec()))));
     }
 
     #[test]
