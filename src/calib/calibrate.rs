@@ -213,9 +213,17 @@ impl Calibration {
     /// The combination as the scorers take it (statistics by their index
     /// in `fit_stats`), when the method is `combined`.
     pub fn combination(&self) -> Option<crate::score::Combination> {
-        use crate::score::{Combination, CombinationPart, Perturbation, ScoreNorm, StatsChoice};
         let spec = self.combination.as_ref()?;
-        let parts = spec
+        Some(spec.combination(self.temperature, self.epsilon))
+    }
+}
+
+impl CombinationSpec {
+    /// The combination as the scorers take it, its perturbed parts reading
+    /// frames perturbed at (`temperature`, `epsilon`) when `epsilon > 0`.
+    pub fn combination(&self, temperature: f32, epsilon: f32) -> crate::score::Combination {
+        use crate::score::{Combination, CombinationPart, Perturbation, ScoreNorm, StatsChoice};
+        let parts = self
             .parts
             .iter()
             .map(|p| CombinationPart {
@@ -231,13 +239,13 @@ impl Calibration {
                 stats: p.stats.map_or(StatsChoice::Auto, StatsChoice::Index),
             })
             .collect();
-        Some(Combination {
-            perturbation: (self.epsilon > 0.0).then_some(Perturbation {
-                temperature: self.temperature,
-                epsilon: self.epsilon,
+        Combination {
+            perturbation: (epsilon > 0.0).then_some(Perturbation {
+                temperature,
+                epsilon,
             }),
             parts,
-        })
+        }
     }
 }
 

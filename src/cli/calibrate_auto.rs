@@ -18,10 +18,7 @@ use crate::calib::search::{Choice, Quality, Search, SearchOptions, Spec};
 use crate::calib::sets::{Set, SetSource};
 use crate::fit::train::{self, FitJob, TrainSet};
 use crate::fit::{FitConfig, Stats, StatsModel};
-use crate::score::{
-    BatchView, Combination, CombinationPart, LoadedStats, Method, Perturbation, ScoreNorm, Scorers,
-    Scoring, StatsChoice,
-};
+use crate::score::{BatchView, LoadedStats, Method, ScoreNorm, Scorers, Scoring};
 
 /// Loads a statistics file for the search, checked against the model.
 pub fn load_stats(path: &Path, model_sha: &str) -> anyhow::Result<Arc<LoadedStats>> {
@@ -297,28 +294,9 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<std::process::ExitCode> {
         .collect();
     let served_stats: Vec<Arc<LoadedStats>> =
         used.iter().map(|&i| Arc::clone(&search.stats[i])).collect();
-    let combination = combination_spec.as_ref().map(|spec| Combination {
-        perturbation: (epsilon > 0.0).then_some(Perturbation {
-            temperature,
-            epsilon,
-        }),
-        parts: spec
-            .parts
-            .iter()
-            .map(|p| CombinationPart {
-                method: p.method.parse().unwrap_or(Method::Msp),
-                temperature: p.temperature,
-                perturbed: p.perturbed,
-                weight: p.weight,
-                norm: ScoreNorm {
-                    mean: p.mean,
-                    std: p.std,
-                    n: 0,
-                },
-                stats: p.stats.map_or(StatsChoice::Auto, StatsChoice::Index),
-            })
-            .collect(),
-    });
+    let combination = combination_spec
+        .as_ref()
+        .map(|spec| spec.combination(temperature, epsilon));
     let scorers = Scorers::new(served_stats, combination, dim);
     let scoring = Scoring {
         method,

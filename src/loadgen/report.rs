@@ -49,19 +49,12 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            // 1 µs .. 10 min, 3 significant digits.
-            latency: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
-            judged_latency: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
-            compute: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
-            decode: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
-            queue: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
-            server_total: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("static histogram bounds are valid"),
+            latency: micros(),
+            judged_latency: micros(),
+            compute: micros(),
+            decode: micros(),
+            queue: micros(),
+            server_total: micros(),
             answered: 0,
             measured: 0,
             in_distribution: 0,
@@ -70,6 +63,11 @@ impl Default for Stats {
             window: None,
         }
     }
+}
+
+/// A histogram of microseconds: 1 µs to 10 min, 3 significant digits.
+fn micros() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
 }
 
 impl Stats {
