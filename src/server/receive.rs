@@ -294,7 +294,10 @@ impl Body for Charged {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.waiting.is_none() && self.inner.is_end_stream()
+        self.held.is_none()
+            && self.waiting.is_none()
+            && self.refused.is_none()
+            && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
