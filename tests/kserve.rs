@@ -703,6 +703,39 @@ async fn parameters_override_the_scoring_as_odin_v1_does() {
         assert_eq!(p["temperature"], double(10.0));
         assert_eq!(p["threshold"], double(0.2));
     }
+    // Any method odin.v1 takes, e.g. the GEN detector (no statistics needed).
+    let gen = ScoringOverride {
+        method: "gen(gamma=0.1,M=5)".into(),
+        temperature: None,
+        epsilon: None,
+        threshold: Some(-1.0),
+    };
+    let mut gen_verdicts = Vec::new();
+    for px in &images {
+        gen_verdicts.push(detect_one(&server, raw_image(px, 32, 32), Some(gen.clone())).await);
+    }
+    assert!(
+        (gen_verdicts[0].score - verdicts[0].score).abs() > 1e-3,
+        "GEN scores differently from MSP, or the comparison proves nothing"
+    );
+    let mut request = image_request("gen", &images, 32, 32);
+    request.parameters = [
+        (
+            "method".to_string(),
+            param(ParameterChoice::StringParam("gen(gamma=0.1,M=5)".into())),
+        ),
+        ("threshold".to_string(), double(-1.0)),
+    ]
+    .into();
+    let response = client
+        .model_infer(request)
+        .await
+        .expect("infer")
+        .into_inner();
+    let got = outputs(&response);
+    for (i, verdict) in gen_verdicts.iter().enumerate() {
+        assert_same(&got, i, verdict, "gen");
+    }
     // Out of bounds, with odin.v1's bounds and message, for the whole request.
     let mut request = image_request("hot", &images, 32, 32);
     request.parameters = [("temperature".to_string(), double(1e9))].into();
