@@ -18,15 +18,14 @@ use odin_sidecar::pipeline::Pipeline;
 use odin_sidecar::wire::odin_v1::detector_client::DetectorClient;
 use odin_sidecar::wire::odin_v1::{frame::Image, Frame, RawImage, Verdict};
 use prost::Message;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-/// The real binary, as users run it.
-pub const BIN: &str = env!("CARGO_BIN_EXE_odin-sidecar");
+pub use crate::common::{detect_all, http_get, metric, BIN};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -121,47 +120,11 @@ pub async fn connect(addr: SocketAddr) -> Channel {
         .expect("connects")
 }
 
-/// `GET path` over HTTP/1.1: status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects to the HTTP endpoints");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("writes request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("reads response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (code, body.to_string())
-}
-
 /// The Prometheus text of `/metrics` at `addr`.
 pub async fn scrape(addr: SocketAddr) -> String {
     let (code, body) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200, "{body}");
     body
-}
-
-/// The value of the series `name` (with its labels, exactly as rendered,
-/// e.g. `odin_frame_errors_total{reason="FIELD_TOO_LARGE"}`).
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            (key == name).then(|| value.parse().expect("a number"))
-        })
-        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
 }
 
 /// Polls `/metrics` until `name` equals `want` (gauges settle after the
@@ -262,21 +225,6 @@ pub fn assert_judged(verdict: &Verdict) {
         verdict.max_softmax > 0.0 && !verdict.method.is_empty(),
         "{verdict:?}"
     );
-}
-
-/// Streams `frames` on one Detect call and returns every verdict; the
-/// stream must end OK.
-pub async fn detect_all(mut client: DetectorClient<Channel>, frames: Vec<Frame>) -> Vec<Verdict> {
-    let mut stream = client
-        .detect(tokio_stream::iter(frames))
-        .await
-        .expect("Detect starts")
-        .into_inner();
-    let mut verdicts = Vec::new();
-    while let Some(v) = stream.message().await.expect("no stream error") {
-        verdicts.push(v);
-    }
-    verdicts
 }
 
 /// A codec that sends `Vec<u8>` exactly as given, so tests can put bytes on

@@ -8,6 +8,10 @@
 //! Tests that measure time or CPU take `harness::serial()`, so they never
 //! share the machine's cores with each other.
 
+// The helpers every integration test shares (HTTP probes, metrics, Detect
+// streams, the binary's path), under the reliability harness.
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 
 mod auth;
